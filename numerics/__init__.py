@@ -1,0 +1,1 @@
+"""lowbit numerics core: pure array math for quantization (no model knowledge)."""

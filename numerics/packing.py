@@ -1,0 +1,123 @@
+"""Lossless packing of b-bit codes into words, and the bits-per-weight accounting.
+
+``pack(codes, bits, axis, word_bits)`` lays the codes along ``axis`` out as one little-endian
+bit stream (code i occupies bits ``[i·b, (i+1)·b)``) and cuts it into ``uint{word_bits}``
+words. A run of ``L = lcm(b, w)/b`` codes fills exactly ``lcm(b, w)/w`` words, so 3-bit codes
+pack 32 codes into three uint32 words (the GPTQ / AutoGPTQ layout) and 4-bit codes 8 per
+uint32. The axis is zero-padded to a multiple of ``L``; ``unpack`` needs the original length.
+
+``bits_per_weight`` counts everything a deployment stores: codes, scales (recursively for
+scales of scales), zero points (at the code width for integer formats, as GPTQ packs them),
+and sparse outliers (value + index bits each; SpQR counts 32 per outlier).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+_WORDS = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
+
+
+def _trailing(v: Array, ndim: int) -> Array:
+    """A 1-D vector shaped to broadcast along the last axis of a rank-``ndim`` array."""
+    return v.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def _run(bits: int, word_bits: int) -> tuple[int, int]:
+    l = math.lcm(bits, word_bits)
+    return l // bits, l // word_bits
+
+
+def _check(bits: int, word_bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"pack: bits must be in 1..8, got {bits}")
+    if word_bits not in _WORDS:
+        raise ValueError(f"pack: word_bits must be 8, 16 or 32, got {word_bits}")
+
+
+def pack(codes: Array, bits: int, *, axis: int = -1, word_bits: int = 32) -> Array:
+    """Pack uint8 ``codes`` (< 2**bits) along ``axis`` into words."""
+    _check(bits, word_bits)
+    if codes.dtype != jnp.uint8:
+        raise TypeError(f"pack: codes must be uint8, got {codes.dtype}")
+    return _pack(codes, bits, axis % codes.ndim, word_bits)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _pack(codes: Array, bits: int, axis: int, word_bits: int) -> Array:
+    c = jnp.moveaxis(codes, axis, -1)
+    n_codes, n_words = _run(bits, word_bits)
+    pad = (-c.shape[-1]) % n_codes
+    if pad:
+        c = jnp.concatenate([c, jnp.zeros(c.shape[:-1] + (pad,), jnp.uint8)], axis=-1)
+    runs = c.reshape(c.shape[:-1] + (-1, n_codes))
+    # bit stream of each run: [..., runs, n_codes, bits] → [..., runs, n_words, word_bits]
+    shifts = _trailing(jnp.arange(bits, dtype=jnp.uint8), runs.ndim + 1)
+    stream = (runs[..., None] >> shifts) & jnp.uint8(1)
+    stream = stream.reshape(runs.shape[:-1] + (n_words, word_bits))
+    wt = _WORDS[word_bits]
+    weights = jnp.left_shift(jnp.ones((), wt), jnp.arange(word_bits, dtype=wt))
+    words = jnp.sum(stream.astype(wt) * _trailing(weights, stream.ndim), axis=-1, dtype=wt)
+    words = words.reshape(words.shape[:-2] + (-1,))
+    return jnp.moveaxis(words, -1, axis)
+
+
+def unpack(words: Array, bits: int, *, axis: int = -1, length: int) -> Array:
+    """Inverse of ``pack``: uint8 codes, ``length`` of them along ``axis``."""
+    word_bits = jnp.dtype(words.dtype).itemsize * 8
+    _check(bits, word_bits)
+    w = jnp.moveaxis(words, axis, -1)
+    n_codes, n_words = _run(bits, word_bits)
+    if w.shape[-1] % n_words:
+        raise ValueError(f"unpack: {w.shape[-1]} words is not a whole number of runs of {n_words}")
+    if length > w.shape[-1] // n_words * n_codes:
+        raise ValueError(f"unpack: length {length} exceeds the packed capacity")
+    return jnp.moveaxis(_unpack(w, bits, length), -1, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _unpack(w: Array, bits: int, length: int) -> Array:
+    word_bits = jnp.dtype(w.dtype).itemsize * 8
+    n_codes, n_words = _run(bits, word_bits)
+    wt = w.dtype
+    runs = w.reshape(w.shape[:-1] + (-1, n_words))
+    shifts = _trailing(jnp.arange(word_bits, dtype=wt), runs.ndim + 1)
+    stream = ((runs[..., None] >> shifts) & jnp.ones((), wt)).astype(jnp.uint8)
+    stream = stream.reshape(runs.shape[:-1] + (n_codes, bits))
+    weights = jnp.left_shift(jnp.ones((), jnp.uint8), jnp.arange(bits, dtype=jnp.uint8))
+    codes = jnp.sum(stream * _trailing(weights, stream.ndim), axis=-1, dtype=jnp.uint8)
+    return codes.reshape(codes.shape[:-2] + (-1,))[..., :length]
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def storage_bits(qa) -> dict[str, int]:
+    """Bits stored for a QArray, by part: codes, scales, zeros (recursive over scale QArrays)."""
+    from numerics.formats import IntFormat
+    from numerics.qarray import QArray
+
+    out = {"codes": qa.size * qa.format.bits, "scales": 0, "zeros": 0}
+    if isinstance(qa.scale, QArray):
+        inner = storage_bits(qa.scale)
+        out["scales"] = sum(inner.values())
+    else:
+        out["scales"] = int(np.prod(qa.scale.shape)) * jnp.dtype(qa.scale.dtype).itemsize * 8
+    if qa.zero is not None:
+        zbits = qa.format.bits if isinstance(qa.format, IntFormat) else 16
+        out["zeros"] = int(np.prod(qa.zero.shape)) * zbits
+    return out
+
+
+def bits_per_weight(qa, *, n_outliers: int = 0, bits_per_outlier: int = 32) -> float:
+    """Average stored bits per weight, including scales, zero points and sparse outliers."""
+    if n_outliers < 0:
+        raise ValueError("n_outliers must be >= 0")
+    parts = storage_bits(qa)
+    return (sum(parts.values()) + n_outliers * bits_per_outlier) / qa.size
