@@ -1,4 +1,4 @@
-"""``QuantConfig``: how to quantize — format + granularity + range + rounding, one flat frozen config.
+"""``QuantConfig``: how to quantize — format, granularity, range, rounding — one flat config.
 
 Granularity is given by ``granularity`` and its two knobs; it resolves to a *block
 shape* (one scale per block) by ``numerics.granularity.block_shape``:

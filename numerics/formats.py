@@ -110,16 +110,19 @@ def _sorted_tables(fmt: Format) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _nearest_code(fmt: Format, y: Float[Array, "*s"]) -> UInt8[Array, "*s"]:
     """Code of the nearest finite value; exact ties go to the smaller magnitude
-    (and, for ``±v`` around 0, to the positive one). Saturates at the ends."""
-    v, c, mid = (jnp.asarray(a) for a in _sorted_tables(fmt))
+    (and, for ``±v`` around 0, to the positive one). Saturates at the ends.
+
+    One pass over the midpoints: the index is the number of midpoints below ``y``, where a
+    midpoint equal to ``y`` counts only for ``y <= 0`` (that moves ties toward zero)."""
+    v, c, mid = _sorted_tables(fmt)
     y = y.astype(jnp.float32)
-    left = jnp.searchsorted(mid, y, side="left", method="compare_all")
-    right = jnp.searchsorted(mid, y, side="right", method="compare_all")
-    tie = left != right  # y sits exactly on a midpoint: candidates left and right
-    a, b = v[left], v[jnp.minimum(right, v.shape[0] - 1)]
-    pick_b = tie & ((jnp.abs(b) < jnp.abs(a)) | ((jnp.abs(b) == jnp.abs(a)) & (b > a)))
-    idx = jnp.where(pick_b, right, left)
-    return c[idx]
+    m = jnp.asarray(mid).reshape((1,) * y.ndim + (-1,))
+    yy = y[..., None]
+    below = jnp.where(yy > 0, yy > m, yy >= m)
+    idx = jnp.sum(below, axis=-1, dtype=jnp.int32)
+    if np.array_equal(c, np.arange(c.size)):
+        return idx.astype(jnp.uint8)  # codes in value order (NF, codebooks, bipolar)
+    return jnp.asarray(c)[idx]
 
 
 # --------------------------------------------------------------------------- integers
@@ -140,7 +143,8 @@ class IntFormat(Format):
         if self.signed and self.bits == 1:
             raise ValueError(
                 "IntFormat(bits=1, signed=True) has no symmetric range (max_abs would be 0); "
-                "use BinaryFormat() for ±1 codes or IntFormat(bits=1, signed=False) with a zero point"
+                "use binary_format() for ±1 codes, or IntFormat(bits=1, signed=False) "
+                "with a zero point"
             )
 
     @property

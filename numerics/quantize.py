@@ -66,8 +66,9 @@ def _quantize(x: Array, how: QuantConfig, bs: tuple[int, ...], key: Array | None
     fmt = how.fmt
     xb = G.to_blocks(x.astype(jnp.float32), bs)
     s, z = ranges.choose_params(xb, how)
-    finite = jnp.all(jnp.isfinite(xb), axis=G.block_axes(x.ndim))
-    s = jnp.where(finite, s, jnp.nan)
+    if how.range in ("percentile", "mse"):  # other ranges propagate NaN/Inf into s already
+        finite = jnp.all(jnp.isfinite(xb), axis=G.block_axes(x.ndim))
+        s = jnp.where(finite, s, jnp.nan)
 
     y = xb / G.expand_stat(s)
     if how.rounding == "stochastic":
@@ -94,7 +95,7 @@ def _quantize(x: Array, how: QuantConfig, bs: tuple[int, ...], key: Array | None
 
 
 def fake_quant(x: Float[Array, "*shape"], how: QuantConfig, *, key: Array | None = None) -> Array:
-    """``quantize(x).dequantize()`` in ``x``'s dtype (no gradient rule; see ``numerics.rounding``)."""
+    """``quantize(x).dequantize()`` in ``x``'s dtype (no gradient rule: ``numerics.rounding``)."""
     return quantize(x, how, key=key).dequantize(x.dtype)
 
 

@@ -44,12 +44,12 @@ def _percentile(xb: Array, q: float) -> Array:
 
 
 def _store(s: Array, cfg: QuantConfig) -> Array:
-    """Guard zero/non-positive scales and round to the storage dtype (as float32)."""
+    """Guard zero scales (→ 1), poison non-finite ones (→ NaN: the block had NaN/Inf),
+    clip into the storage dtype's range and round to it (returned as float32)."""
     dt = np_scale_dtype(cfg.scale_dtype)
     tiny = float(jnp.finfo(dt).tiny)
     big = float(jnp.finfo(dt).max)
-    ok = s > 0
-    s = jnp.where(ok, jnp.clip(s, tiny, big), 1.0)
+    s = jnp.where(s == 0, 1.0, jnp.where(jnp.isinf(s), jnp.nan, jnp.clip(s, tiny, big)))
     return s.astype(dt).astype(jnp.float32)
 
 
@@ -57,7 +57,8 @@ def _pow2(amax: Array, fmt: Format) -> Array:
     emax = jnp.floor(jnp.log2(jnp.float32(fmt.max_abs)))
     e = jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - emax
     e = jnp.clip(e, E8M0_MIN, E8M0_MAX)
-    return jnp.where(amax > 0, jnp.exp2(e), 1.0).astype(jnp.float32)
+    s = jnp.where(amax > 0, jnp.exp2(e), 1.0)
+    return jnp.where(jnp.isfinite(amax), s, jnp.nan).astype(jnp.float32)
 
 
 def symmetric_scale(amax: Array, cfg: QuantConfig) -> Array:
@@ -87,7 +88,7 @@ def fake_quant_blocks(xb: Array, s: Array, z: Array | None, fmt: Format) -> Arra
     return fmt.decode(fmt.encode(y)) * sb
 
 
-def choose_params(xb: Float[Array, "..."], cfg: QuantConfig) -> tuple[Array, Array | None]:
+def choose_params(xb: Float[Array, ...], cfg: QuantConfig) -> tuple[Array, Array | None]:
     """Per-block ``(scale, zero)`` for the blocked view ``xb`` (float32)."""
     if cfg.range == "mse":
         return _mse_search(xb, cfg)

@@ -46,6 +46,7 @@ def arrays(shape, *, scale_range=(-3, 3)):
     return hnp.arrays(
         np.float32,
         shape,
-        elements=st.floats(-(10.0**hi), 10.0**hi, allow_nan=False, allow_infinity=False, width=32)
-        .filter(lambda v: v == 0 or abs(v) >= 10.0**lo),
+        elements=st.floats(
+            -(10.0**hi), 10.0**hi, allow_nan=False, allow_infinity=False, width=32
+        ).filter(lambda v: v == 0 or abs(v) >= 10.0**lo),
     )

@@ -89,7 +89,7 @@ def test_get_format_names():
     [
         (lambda: F.IntFormat(bits=9), "1..8"),
         (lambda: F.IntFormat(bits=0), "1..8"),
-        (lambda: F.IntFormat(bits=1, signed=True), "BinaryFormat"),
+        (lambda: F.IntFormat(bits=1, signed=True), "binary_format"),
         (lambda: F.get_format("int12"), "1..8"),
         (lambda: F.get_format("float5"), "unknown format"),
         (lambda: F.normal_float(1), "2..8"),

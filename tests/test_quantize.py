@@ -18,7 +18,9 @@ from numerics.quantize import fake_quant, quantize
 def _grid(qa):
     """Per-element scale and (zero) of a QArray, broadcast to its shape."""
     s = G.from_blocks(
-        jnp.broadcast_to(G.expand_stat(qa.scale_array()), G.to_blocks(jnp.zeros(qa.shape), qa.block_shape).shape),
+        jnp.broadcast_to(
+            G.expand_stat(qa.scale_array()), G.to_blocks(jnp.zeros(qa.shape), qa.block_shape).shape
+        ),
         qa.shape,
     )
     return np.asarray(s)
@@ -99,8 +101,15 @@ def test_scale_equivariance_powers_of_two(data, k):
     np.testing.assert_allclose(fake_quant(c * x, cfg), c * fake_quant(x, cfg), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("cfg", [rtn(4, group_size=8), rtn(3, group_size=8, sym=False), mx("mxfp4"),
-                                 QuantConfig(format="nf4", granularity="group", group_size=8)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        rtn(4, group_size=8),
+        rtn(3, group_size=8, sym=False),
+        mx("mxfp4"),
+        QuantConfig(format="nf4", granularity="group", group_size=8),
+    ],
+)
 def test_zero_and_constant_groups(cfg):
     x = jnp.zeros((4, 32), jnp.float32).at[1].set(0.37).at[2, :8].set(-5.0)
     qa = quantize(x, cfg)
@@ -127,7 +136,10 @@ def test_granularities_give_expected_scale_shapes():
 
 
 def test_per_token_dynamic_activations():
-    x = jax.random.normal(jax.random.key(1), (2, 5, 16)) * jnp.arange(1, 6, dtype=jnp.float32)[None, :, None]
+    x = (
+        jax.random.normal(jax.random.key(1), (2, 5, 16))
+        * jnp.arange(1, 6, dtype=jnp.float32)[None, :, None]
+    )
     qa = quantize(x, QuantConfig(format="int8", granularity="channel", axis=-1))
     assert qa.scale.shape == (2, 5, 1)
     np.testing.assert_allclose(qa.scale[..., 0], jnp.max(jnp.abs(x), -1) / 127, rtol=1e-6)
@@ -165,7 +177,13 @@ def test_percentile_clips_outliers():
 
 def test_mx_block_formats_use_power_of_two_e8m0_scales():
     x = jax.random.normal(jax.random.key(5), (4, 128)) * 3
-    for cfg in (mx("mxfp4"), mx("mxint8"), mx("mxfp8_e4m3"), block_fp(4, 16), block_minifloat("fp6_e3m2", 64)):
+    for cfg in (
+        mx("mxfp4"),
+        mx("mxint8"),
+        mx("mxfp8_e4m3"),
+        block_fp(4, 16),
+        block_minifloat("fp6_e3m2", 64),
+    ):
         qa = quantize(x, cfg)
         assert qa.scale.dtype == jnp.float8_e8m0fnu
         s = np.asarray(qa.scale_array())
@@ -194,10 +212,20 @@ def test_dtype_kept():
     [
         (jnp.ones((4, 8), jnp.int32), rtn(4), TypeError, "floating-point"),
         (jnp.ones((0, 8), jnp.float32), rtn(4), ValueError, "empty"),
-        (jnp.ones((4, 8), jnp.float32).at[1, 2].set(jnp.nan), rtn(4), ValueError, r"NaN/Inf.*\(1, 2\)"),
+        (
+            jnp.ones((4, 8), jnp.float32).at[1, 2].set(jnp.nan),
+            rtn(4),
+            ValueError,
+            r"NaN/Inf.*\(1, 2\)",
+        ),
         (jnp.ones((4, 8), jnp.float32).at[0, 0].set(jnp.inf), rtn(4), ValueError, "NaN/Inf"),
         (jnp.ones((4, 10), jnp.float32), rtn(4, group_size=4), ValueError, "does not divide"),
-        (jnp.ones((4, 10), jnp.float32), QuantConfig(granularity="block", block_shape=(3, 5)), ValueError, "does not divide"),
+        (
+            jnp.ones((4, 10), jnp.float32),
+            QuantConfig(granularity="block", block_shape=(3, 5)),
+            ValueError,
+            "does not divide",
+        ),
         (jnp.float32(1.0), rtn(4), ValueError, "0-d"),
     ],
 )
@@ -209,7 +237,11 @@ def test_bad_input_rejected(x, cfg, exc, match):
 def test_nan_under_jit_poisons_only_its_block():
     x = jnp.ones((2, 16), jnp.float32).at[0, 3].set(jnp.nan)
     out = jax.jit(lambda a: fake_quant(a, rtn(4, group_size=8)))(x)
-    assert np.all(np.isnan(out[0, :8])) and np.all(np.isfinite(out[0, 8:])) and np.all(np.isfinite(out[1]))
+    assert (
+        np.all(np.isnan(out[0, :8]))
+        and np.all(np.isfinite(out[0, 8:]))
+        and np.all(np.isfinite(out[1]))
+    )
 
 
 @pytest.mark.parametrize(
