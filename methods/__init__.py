@@ -1,0 +1,8 @@
+"""Weight-quantization methods, one paper per subpackage, all behind ``methods.base.Method``.
+
+Importing this package registers every method (``methods.base.REGISTRY``)."""
+
+from methods.base import REGISTRY, LayerResult, LayerStats, Method, QuantizedModel, get_method
+from methods import rtn  # noqa: F401  (registers)
+
+__all__ = ["REGISTRY", "LayerResult", "LayerStats", "Method", "QuantizedModel", "get_method"]

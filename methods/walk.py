@@ -1,0 +1,140 @@
+"""The shared layer walk: quantize a model block by block with a per-layer core.
+
+``quantize_sequential`` drives ``harness.capture.sequential``: calibration inputs go through one
+block at a time; inside a block the linears are quantized in GPTQ's "true sequential" order
+(q/k/v, then o, then gate/up, then down — each group's inputs re-captured after the previous
+groups were quantized), and the *quantized* block's outputs feed the next block. Each linear is
+handed to ``layer_fn(W, LayerStats, cfg, key=...)`` (a method's pure core) and its float
+weight leaf is replaced by the returned quantized leaf.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harness import capture
+from harness.model import ModelConfig, get_param, set_param
+from methods.base import LayerResult, LayerStats, QuantizedModel
+from numerics.sparse import weight_bits
+
+TRUE_SEQUENTIAL: tuple[tuple[str, ...], ...] = (
+    ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    ("attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+def row_sample(n_rows: int, seed: int = 0) -> capture.Accumulator:
+    """Keep a uniform random subset of at most ``n_rows`` input rows (reservoir by random keys:
+    every row gets a seeded random priority; the ``n_rows`` highest are kept)."""
+
+    def init(d: int):
+        return {
+            "X": jnp.zeros((n_rows, d), jnp.float32),
+            "p": jnp.full((n_rows,), -jnp.inf, jnp.float32),
+            "n": jnp.zeros((), jnp.int32),
+        }
+
+    def update(state, x):
+        rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        key = jax.random.fold_in(jax.random.key(seed), state["n"])
+        pri = jax.random.uniform(key, (rows.shape[0],), jnp.float32)
+        allp = jnp.concatenate([state["p"], pri])
+        allx = jnp.concatenate([state["X"], rows], axis=0)
+        top = jax.lax.top_k(allp, n_rows)[1]
+        return {"X": allx[top], "p": allp[top], "n": state["n"] + rows.shape[0]}
+
+    return capture.Accumulator(init, update)
+
+
+def accumulators_for(needs: tuple[str, ...], n_x_rows: int) -> dict[str, capture.Accumulator]:
+    accs: dict[str, capture.Accumulator] = {}
+    if "H" in needs:
+        accs["H"] = capture.hessian()
+    if "X" in needs:
+        accs["X"] = row_sample(n_x_rows)
+    if "act_absmean" in needs:
+        accs["absmean"] = capture.absmean()
+    if "act_absmax" in needs:
+        accs["absmax"] = capture.absmax()
+    return accs
+
+
+def layer_stats(state: Mapping[str, Any], fisher: Any = None) -> LayerStats:
+    """``LayerStats`` from one linear's accumulator states (keys as in ``accumulators_for``)."""
+    X = None
+    if "X" in state:
+        n = min(int(state["X"]["n"]), state["X"]["X"].shape[0])
+        X = state["X"]["X"][:n]
+    return LayerStats(
+        H=state["H"]["H"] if "H" in state else None,
+        X=X,
+        act_absmean=state["absmean"]["absmean"] if "absmean" in state else None,
+        act_absmax=state["absmax"]["absmax"] if "absmax" in state else None,
+        fisher=fisher,
+    )
+
+
+def quantize_sequential(
+    params: Any,
+    model_cfg: ModelConfig,
+    calib_tokens: Any,
+    layer_fn: Callable[..., LayerResult],
+    cfg: Any,
+    *,
+    needs: tuple[str, ...],
+    true_sequential: bool = True,
+    n_x_rows: int = 4096,
+    extra_stats: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> QuantizedModel:
+    """Quantize every block linear of ``params`` with ``layer_fn`` (see the module docstring).
+
+    ``extra_stats`` maps full linear names (``blocks.3.mlp.up_proj``) to extra statistics
+    computed outside the walk (e.g. SqueezeLLM's Fisher information: ``{"fisher": F}``)."""
+    t0 = time.perf_counter()
+    report: list[dict[str, Any]] = []
+    accs = accumulators_for(needs, n_x_rows)
+    groups = TRUE_SEQUENTIAL if true_sequential else (tuple(n for g in TRUE_SEQUENTIAL for n in g),)
+    extra = extra_stats or {}
+
+    def on_block(i: int, bp: Any, calib: capture.BlockCalibration) -> Any:
+        for gi, group in enumerate(groups):
+            if gi > 0 and accs:
+                calib.recapture(bp, group)
+            for rel in group:
+                name = f"blocks.{i}.{rel}"
+                W = get_param(bp, rel)
+                stats = layer_stats(calib[rel] if accs else {}, extra.get(name, {}).get("fisher"))
+                key = jax.random.fold_in(jax.random.key(seed), len(report))
+                t = time.perf_counter()
+                res = layer_fn(jnp.asarray(W, jnp.float32), stats, cfg, key=key)
+                jax.block_until_ready(jax.tree_util.tree_leaves(res.weight))
+                report.append(
+                    {"name": name, "bits": weight_bits(res.weight), "seconds": time.perf_counter() - t}
+                    | {k: v for k, v in res.info.items() if np.isscalar(v)}
+                )
+                bp = set_param(bp, rel, res.weight)
+        return bp
+
+    new_params = capture.sequential(
+        params,
+        model_cfg,
+        calib_tokens,
+        on_block,
+        accumulators=accs or None,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    sizes = {r["name"]: int(np.prod(get_param(params, r["name"]).shape)) for r in report}
+    bpw = sum(r["bits"] * sizes[r["name"]] for r in report) / max(sum(sizes.values()), 1)
+    return QuantizedModel(new_params, report, time.perf_counter() - t0, bpw)
