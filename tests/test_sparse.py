@@ -19,9 +19,9 @@ def test_outliers_are_exact_and_counted():
     out = ds.dequantize()
     assert float(out[3, 5]) == 40.0 and float(out[7, 60]) == -33.0
     np.testing.assert_array_equal(np.asarray(out)[~np.asarray(mask)], np.asarray(dense.dequantize())[~np.asarray(mask)])
-    # hand count: 3-bit codes + fp16 scale / 32 + 3-bit zero / 32 + 32 bits per outlier
-    assert weight_bits(ds) == pytest.approx(3 + 16 / 32 + 3 / 32 + 2 * 32 / W.size)
-    assert weight_bits(dense) == pytest.approx(3 + 19 / 32)
+    # hand count (symmetric: no zero points): 3-bit codes + fp16 scale / 32 + 32 per outlier
+    assert weight_bits(ds) == pytest.approx(3 + 16 / 32 + 2 * 32 / W.size)
+    assert weight_bits(dense) == pytest.approx(3 + 16 / 32)
     assert weight_bits(W) == 32.0
     leaves = jax.tree_util.tree_leaves(ds)
     assert all(isinstance(x, jax.Array) for x in leaves)
