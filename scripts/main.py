@@ -1,28 +1,35 @@
-"""The README's main job: the error table of every number format on Gaussian and heavy-tailed data.
+"""The README's main job: evaluate the default model (SmolLM2-135M) on a WikiText-2 slice.
 
-.venv/bin/python scripts/main.py [--rows 1024 --cols 4096]
+Prints the result row (GPTQ protocol, seqlen 512, first 8 windows) and appends it to
+results/main.json / results/main.md. The full-size evaluation is scripts/evaluate.py.
+
+    .venv/bin/python scripts/main.py [--model smollm2 --seqlen 512 --windows 8]
 """
 
 import argparse
 import time
 
-from numerics.zoo import error_table, markdown, synthetic
+from harness.evaluate import EvalConfig
+from harness.pipeline import MODELS, eval_perplexity, load
+from harness.results import MARKDOWN_HEADER, append_results, markdown_row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=1024)
-    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=8)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    shape = (args.rows, args.cols)
-    data = {"gaussian": synthetic("gaussian", shape), "t3": synthetic("heavy", shape)}
-    print(
-        f"Quantization error of every format on {shape} float32 arrays "
-        "(N(0,1) and Student-t ν=3); bpw includes scales and zero points.\n"
+    model, params, tok = load(args.model)
+    _, row = eval_perplexity(
+        model, params, tok, model_name=args.model, corpus="wikitext2", seqlen=args.seqlen,
+        limit=args.windows, eval_cfg=EvalConfig(progress=False),
     )
-    print(markdown(error_table(data)))
-    print(f"\n({time.perf_counter() - t0:.1f} s)")
+    append_results([row], json_path="results/main.json", markdown_path="results/main.md")
+    print(f"WikiText-2 test (GPTQ protocol, seqlen {args.seqlen}, first {args.windows} windows):")
+    print(MARKDOWN_HEADER + markdown_row(row), end="")
+    print(f"({time.perf_counter() - t0:.1f} s in all)")
 
 
 if __name__ == "__main__":

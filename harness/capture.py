@@ -1,0 +1,308 @@
+"""Sequential, block-by-block calibration capture with streaming per-linear statistics.
+
+GPTQ (arXiv:2210.17323, §4 and App. "sequential") quantizes a model one block at a time: the
+calibration batch is pushed through block ``i``, the inputs ``X`` of each linear are reduced to
+statistics (its Hessian ``H = 2XXᵀ``), the block is quantized, and the *quantized* block's outputs
+feed block ``i + 1``. Only one block's activations live at a time, and the statistics are
+accumulated over micro-batches, so no layer's full activation matrix is ever held.
+
+* :class:`Accumulator` — an optax-style ``init / update`` pair over the inputs of one linear:
+  :func:`hessian` (``H = 2/n Σ x xᵀ`` over the ``n`` token rows seen), :func:`absmax`
+  (per-channel ``max |x|``: SmoothQuant arXiv:2211.10438 eq. 4) and :func:`absmean` (per-channel
+  mean ``|x|``: AWQ arXiv:2306.00978 §3.2). Methods may pass their own. Build accumulators once
+  and reuse them: the jitted capture step is cached on their identity.
+* :func:`sequential` — the driver: ``on_block(i, block_params, calib) -> new_block_params``.
+  ``calib`` is a :class:`BlockCalibration`: a mapping from block-relative linear names
+  (``"attn.q_proj"``) to ``{stat_name: state}`` (default ``{"H": HessianState}``, so
+  ``calib["attn.q_proj"]["H"].H``), plus ``recapture(block_params, names)`` to
+  recompute statistics after changing part of the block (GPTQ's "true sequential" order:
+  quantize q/k/v, recapture o_proj's input, …), ``inputs`` / ``positions`` (the block's input
+  hidden states, for methods that search scales by running the block, e.g. AWQ) and
+  ``outputs(block_params)``.
+
+Inputs are recorded at the seam *before* any ``act_quant`` hook. Linears that share an input
+(the adapter table's groups: q/k/v, gate/up) share one accumulator state.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+from tqdm.auto import tqdm
+
+from harness.layers import NO_HOOKS, Hooks
+from harness.model import ADAPTERS, BLOCK_LINEARS, Model, ModelConfig, default_positions
+
+
+class Accumulator(NamedTuple):
+    """Streaming statistic of a linear's inputs ``x [..., d_in]`` (optax-style pair)."""
+
+    init: Callable[[int], Any]  # d_in -> state
+    update: Callable[[Any, Array], Any]  # (state, x) -> state
+
+
+def _rows(x: Array) -> Array:
+    return x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+
+
+class HessianState(NamedTuple):
+    H: Float[Array, "d d"]  # 2/n Σ x xᵀ over the rows seen so far
+    n: Int[Array, ""]  # rows seen
+
+
+class MeanState(NamedTuple):
+    mean: Float[Array, " d"]  # running per-channel mean
+    n: Int[Array, ""]  # rows seen
+
+
+def _running(old: Array, n_old: Array, total: Array, m: int) -> tuple[Array, Array]:
+    """Running mean update: ``old`` over ``n_old`` rows, plus ``total`` summed over ``m`` rows."""
+    n = n_old + m
+    keep = n_old.astype(jnp.float32) / n.astype(jnp.float32)
+    return old * keep + total / n.astype(jnp.float32), n
+
+
+def hessian() -> Accumulator:
+    """``H = 2/n Σ_rows x xᵀ`` (GPTQ's ``H = 2XXᵀ``, arXiv:2210.17323 §3), as a running mean.
+
+    GPTQ's reference code divides by the number of *sequences*; we divide by token rows ``n``.
+    The scale does not change GPTQ (its damping is relative to ``mean(diag H)``).
+    State: :class:`HessianState` (``.H`` float32 ``[d, d]``, ``.n`` rows).
+    """
+
+    def init(d: int):
+        return HessianState(jnp.zeros((d, d), jnp.float32), jnp.zeros((), jnp.int32))
+
+    def update(s, x):
+        X = _rows(x)
+        if X.shape[0] == 0:
+            return s
+        XtX = jnp.einsum("ni,nj->ij", X, X, precision=jax.lax.Precision.HIGHEST)
+        return HessianState(*_running(s.H, s.n, 2.0 * XtX, X.shape[0]))
+
+    return Accumulator(init, update)
+
+
+def absmax() -> Accumulator:
+    """Per-input-channel ``max |x|``. State: float32 ``[d]``."""
+
+    def init(d: int):
+        return jnp.zeros((d,), jnp.float32)
+
+    def update(s, x):
+        return jnp.maximum(s, jnp.max(jnp.abs(_rows(x)), axis=0, initial=0.0))
+
+    return Accumulator(init, update)
+
+
+def absmean() -> Accumulator:
+    """Per-input-channel running mean of ``|x|``. State: :class:`MeanState`."""
+
+    def init(d: int):
+        return MeanState(jnp.zeros((d,), jnp.float32), jnp.zeros((), jnp.int32))
+
+    def update(s, x):
+        X = jnp.abs(_rows(x))
+        if X.shape[0] == 0:
+            return s
+        return MeanState(*_running(s.mean, s.n, jnp.sum(X, axis=0), X.shape[0]))
+
+    return Accumulator(init, update)
+
+
+DEFAULT_ACCUMULATORS: dict[str, Accumulator] = {"H": hessian()}
+
+
+def _leaders(cfg: ModelConfig, names: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """For each input group touched by ``names``: first wanted member -> wanted members."""
+    out = {}
+    for g in ADAPTERS[cfg.family]:
+        members = tuple(n for n in g.names if n in names)
+        if members:
+            out[members[0]] = members
+    return out
+
+
+def _shared_layer(model: Model, i: int) -> int:
+    """A block index whose compiled step can serve block ``i``: without hooks a block depends on
+    its index only through its layer type (window, RoPE base), so blocks of one type share one
+    compilation; hooks receive layer names and indices, so then every block is its own."""
+    if model.hooks != NO_HOOKS:
+        return i
+    kind = model.cfg.layer_type(i)
+    return next(j for j in range(model.cfg.n_layers) if model.cfg.layer_type(j) == kind)
+
+
+@functools.lru_cache(maxsize=256)
+def _stats_step(
+    model: Model, i: int, leaders: tuple[str, ...], accs: tuple[tuple[str, Accumulator], ...]
+):
+    def step(states, block_params, h, positions):
+        _, ins = model.apply_block(block_params, i, h, positions, capture=True)
+        return {ld: {k: acc.update(states[ld][k], ins[ld]) for k, acc in accs} for ld in leaders}
+
+    return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=256)
+def _block_fn(model: Model, i: int):
+    return jax.jit(lambda bp, h, positions: model.apply_block(bp, i, h, positions))
+
+
+def _input_dims(cfg: ModelConfig) -> dict[str, int]:
+    d_attn = cfg.n_heads * cfg.head_dim
+    dims = {n: cfg.d_model for n in BLOCK_LINEARS}
+    dims.update({"attn.o_proj": d_attn, "mlp.down_proj": cfg.d_ff})
+    return dims
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    for s in range(0, n, batch_size):
+        yield slice(s, min(s + batch_size, n))
+
+
+def block_stats(
+    model: Model,
+    i: int,
+    block_params: Any,
+    inputs: Float[Array, "n t d"],
+    positions: Int[Array, "n t"],
+    accumulators: Mapping[str, Accumulator],
+    *,
+    names: tuple[str, ...] | None = None,
+    batch_size: int = 8,
+) -> dict[str, dict[str, Any]]:
+    """Statistics of the inputs of block ``i``'s linears ``names`` (block-relative; default all),
+    streamed over micro-batches of ``batch_size`` sequences."""
+    names = BLOCK_LINEARS if names is None else tuple(names)
+    unknown = set(names) - set(BLOCK_LINEARS)
+    if unknown:
+        raise ValueError(
+            f"unknown linear names {sorted(unknown)}; expected some of {BLOCK_LINEARS}"
+        )
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    groups = _leaders(model.cfg, names)
+    if not groups:
+        return {}
+    accs = tuple(sorted(accumulators.items()))
+    dims = _input_dims(model.cfg)
+    states = {ld: {k: acc.init(dims[ld]) for k, acc in accs} for ld in groups}
+    step = _stats_step(model, _shared_layer(model, i), tuple(groups), accs)
+    for sl in _batches(inputs.shape[0], batch_size):
+        states = step(states, block_params, inputs[sl], positions[sl])
+    return {n: states[ld] for ld, members in groups.items() for n in members}
+
+
+@dataclass
+class BlockCalibration(Mapping):
+    """What ``on_block`` receives: statistics of block ``layer``'s linears (a mapping
+    ``"attn.q_proj" -> {stat: state}``), the block's inputs, and helpers to re-run it."""
+
+    model: Model
+    layer: int
+    inputs: Float[Array, "n t d"]  # hidden states entering the block (after previous blocks)
+    positions: Int[Array, "n t"]
+    accumulators: Mapping[str, Accumulator]
+    batch_size: int
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        try:
+            return self.stats[name]
+        except KeyError:
+            raise KeyError(f"no statistics captured for {name!r} in block {self.layer}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stats)
+
+    def __len__(self) -> int:
+        return len(self.stats)
+
+    def recapture(
+        self, block_params: Any, names: tuple[str, ...] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Recompute (and store) the statistics of ``names`` with ``block_params`` — e.g. the
+        input of o_proj after q/k/v were quantized (GPTQ "true sequential")."""
+        new = block_stats(
+            self.model,
+            self.layer,
+            block_params,
+            self.inputs,
+            self.positions,
+            self.accumulators,
+            names=names,
+            batch_size=self.batch_size,
+        )
+        self.stats.update(new)
+        return new
+
+    def outputs(self, block_params: Any) -> Float[Array, "n t d"]:
+        """Block outputs for all calibration inputs, with ``block_params``."""
+        f = _block_fn(self.model, _shared_layer(self.model, self.layer))
+        parts = [
+            f(block_params, self.inputs[sl], self.positions[sl])
+            for sl in _batches(self.inputs.shape[0], self.batch_size)
+        ]
+        return jnp.concatenate(parts, axis=0)
+
+
+def sequential(
+    params: Any,
+    cfg: ModelConfig,
+    calib_tokens: Int[Array, "n t"],
+    on_block: Callable[[int, Any, BlockCalibration], Any],
+    *,
+    accumulators: Mapping[str, Accumulator] | None = None,
+    names: tuple[str, ...] | None = None,
+    hooks: Hooks = NO_HOOKS,
+    batch_size: int = 8,
+    progress: bool = False,
+    done_blocks: Mapping[int, Any] | None = None,
+) -> Any:
+    """Run calibration block by block; return params with every block replaced by ``on_block``'s.
+
+    ``calib_tokens`` ``[n, t]`` (e.g. n seeded C4 segments of length t) are embedded once; for
+    each block ``i``: statistics of the inputs of its linears ``names`` (default all) are
+    accumulated over micro-batches, ``on_block(i, block_params, calib)`` returns the new block
+    params (e.g. quantized; it may call ``calib.recapture``), and the NEW block's outputs become
+    the next block's inputs.
+
+    ``done_blocks`` (resuming an interrupted run): ``{i: new block params}`` already computed;
+    those blocks are not captured nor passed to ``on_block`` — only run forward, so the next
+    block sees the same inputs as in an uninterrupted run.
+    """
+    tokens = jnp.asarray(calib_tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.size == 0:
+        raise ValueError(
+            "calib_tokens must be a non-empty integer array [n, t], "
+            f"got {tokens.dtype}{tokens.shape}"
+        )
+    accumulators = DEFAULT_ACCUMULATORS if accumulators is None else accumulators
+    model = Model(cfg, hooks)
+    embed = jax.jit(model.embed)
+    h = jnp.concatenate(
+        [embed(params, tokens[sl]) for sl in _batches(tokens.shape[0], batch_size)], axis=0
+    )
+    positions = default_positions(tokens)
+    blocks = list(params["blocks"])
+    done_blocks = done_blocks or {}
+    for i in tqdm(range(cfg.n_layers), desc="calibration", disable=not progress):
+        calib = BlockCalibration(model, i, h, positions, accumulators, batch_size)
+        if i in done_blocks:
+            blocks[i] = done_blocks[i]
+            h = calib.outputs(blocks[i])
+            continue
+        calib.recapture(blocks[i], names)
+        new = on_block(i, blocks[i], calib)
+        if new is None:
+            raise TypeError(f"on_block returned None for block {i}; return the (new) block params")
+        h = calib.outputs(new)
+        blocks[i] = new
+    return {**params, "blocks": blocks}

