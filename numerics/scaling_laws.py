@@ -42,13 +42,10 @@ the paper's predicted-vs-actual plots.
 
 ``PAPER_QID_PARAMS`` (arXiv 2411.17691, the unified law fitted to Pythia + GPTQ
 checkpoints; N non-embedding parameters, D tokens, P bits, ΔqLoss in nats):
-k = 0.017, α = 0.2261, β = 0.5251, γ = 5.4967.  NOT CONFIRMED against the paper's own
-text: the values come from one third-party summary of the paper (the paper itself was
-not readable here, and its official repository, Xu-Ouyang/Scaling-Laws-for-Quantized-LLMs,
-holds only a README saying "code will be released soon"); the equation/table number is
-unknown.  Plausibility only: they give ΔqLoss ≈ 4.5 nats for a 160M model trained on
-200B tokens at 2 bits and ≈ 0.13 for 12B / 100B tokens / 3 bits, the trend the paper
-describes.  Check against the paper before quoting them.
+k = 0.017, α = 0.2261, β = 0.5251, γ = 5.4967: the caption of the paper's Figure 6 ("the
+unified scaling law we fit based on Eq (8)"), read from a verbatim rendering of the arXiv HTML
+(not the PDF; see papers/scaling_laws/README.md). Note that the paper's Table 1 is not
+reproduced by these constants beyond 2 bits (the card quantifies it).
 """
 
 from __future__ import annotations
