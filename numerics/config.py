@@ -20,6 +20,7 @@ granularity        meaning (weights ``W[out, in]``)        activations ``X[..., 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from numerics.formats import Format, IntFormat, get_format
@@ -70,6 +71,13 @@ class QuantConfig:
             raise ValueError(f"zero_point=True needs an integer format, got {fmt.name}")
         if self.zero_point and self.scale_kind == "pow2":
             raise ValueError("zero_point is not supported with power-of-two (MX/BFP) scales")
+        if self.scale_kind == "pow2":
+            emax = 2.0 ** math.floor(math.log2(fmt.max_abs))
+            if emax not in fmt.finite_values():
+                raise ValueError(
+                    f"scale_kind='pow2' needs 2^emax = {emax:g} representable in {fmt.name} "
+                    "(a shared exponent maps each block's max onto [2^emax, 2^(emax+1)))"
+                )
         if self.range not in ("minmax", "percentile", "mse", "absmean"):
             raise ValueError(f"unknown range method {self.range!r}")
         if self.range == "absmean" and self.zero_point:

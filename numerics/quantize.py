@@ -70,7 +70,7 @@ def _quantize(x: Array, how: QuantConfig, bs: tuple[int, ...], key: Array | None
         finite = jnp.all(jnp.isfinite(xb), axis=G.block_axes(x.ndim))
         s = jnp.where(finite, s, jnp.nan)
 
-    y = xb / G.expand_stat(s)
+    y = ranges.safe_div(xb, G.expand_stat(s))
     if how.rounding == "stochastic":
         if z is not None:
             y = y + G.expand_stat(z)  # z is an integer: the grid stays aligned

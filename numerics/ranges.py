@@ -13,8 +13,11 @@ and return per-block ``(s, z)`` of shape ``(n0, n1, …)`` (``z`` is None when s
 * ``pow2`` scales (MX, BFP, block minifloat): ``s = 2^(⌊log2 amax⌋ − e_max)`` where
   ``e_max = ⌊log2 max_abs⌋`` of the element format (OCP MX v1.0 §6.3), E8M0-clamped.
 
-Zero / constant blocks: a block whose range is 0 gets ``s = 1`` (codes 0, exact zeros) —
-never a division by zero. Scales are rounded to the storage dtype *before* codes are
+Zero blocks: a block whose range is 0 gets ``s = 0`` and every element is encoded as if it
+were 0 (``safe_div``), so it dequantizes to exact zeros — also in formats without a zero
+level (binary, bipolar) — and nothing is ever divided by zero. E8M0 has no zero, so power-of-
+two scales use their minimum 2^-127 instead (formats without a zero level then dequantize an
+all-zero block to ±2^-127·level). Scales are rounded to the storage dtype *before* codes are
 computed, so codes are consistent with the stored scales.
 """
 
@@ -44,12 +47,12 @@ def _percentile(xb: Array, q: float) -> Array:
 
 
 def _store(s: Array, cfg: QuantConfig) -> Array:
-    """Guard zero scales (→ 1), poison non-finite ones (→ NaN: the block had NaN/Inf),
+    """Keep zero scales (zero blocks), poison non-finite ones (→ NaN: the block had NaN/Inf),
     clip into the storage dtype's range and round to it (returned as float32)."""
     dt = np_scale_dtype(cfg.scale_dtype)
     tiny = float(jnp.finfo(dt).tiny)
     big = float(jnp.finfo(dt).max)
-    s = jnp.where(s == 0, 1.0, jnp.where(jnp.isinf(s), jnp.nan, jnp.clip(s, tiny, big)))
+    s = jnp.where(s == 0, 0.0, jnp.where(jnp.isinf(s), jnp.nan, jnp.clip(s, tiny, big)))
     return s.astype(dt).astype(jnp.float32)
 
 
@@ -57,8 +60,14 @@ def _pow2(amax: Array, fmt: Format) -> Array:
     emax = jnp.floor(jnp.log2(jnp.float32(fmt.max_abs)))
     e = jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - emax
     e = jnp.clip(e, E8M0_MIN, E8M0_MAX)
-    s = jnp.where(amax > 0, jnp.exp2(e), 1.0)
+    s = jnp.where(amax > 0, jnp.exp2(e), 2.0**E8M0_MIN)
     return jnp.where(jnp.isfinite(amax), s, jnp.nan).astype(jnp.float32)
+
+
+def safe_div(x: Array, s: Array) -> Array:
+    """``x / s``, and 0 where ``s == 0`` (a zero block: every element encodes as 0)."""
+    ok = s != 0
+    return jnp.where(ok, x / jnp.where(ok, s, 1.0), 0.0)
 
 
 def symmetric_scale(amax: Array, cfg: QuantConfig) -> Array:
@@ -74,14 +83,14 @@ def asymmetric_params(lo: Array, hi: Array, cfg: QuantConfig) -> tuple[Array, Ar
     lo = jnp.minimum(lo, 0.0)
     hi = jnp.maximum(hi, 0.0)
     s = _store((hi - lo) / (fmt.qmax - fmt.qmin), cfg)
-    z = jnp.clip(fmt.qmin - jnp.round(lo / s), fmt.qmin, fmt.qmax)
+    z = jnp.clip(fmt.qmin - jnp.round(safe_div(lo, s)), fmt.qmin, fmt.qmax)
     return s, z
 
 
 def fake_quant_blocks(xb: Array, s: Array, z: Array | None, fmt: Format) -> Array:
     """``(decode(encode(x/s + z)) − z)·s`` on a blocked view, per-block ``s``/``z``."""
     sb = G.expand_stat(s)
-    y = xb / sb
+    y = safe_div(xb, sb)
     if z is not None:
         zb = G.expand_stat(z)
         return (fmt.decode(fmt.encode(jnp.round(y) + zb)) - zb) * sb

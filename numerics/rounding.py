@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from numerics import granularity as G
+from numerics import ranges
 from numerics.config import QuantConfig
 from numerics.quantize import quantize
 
@@ -34,7 +35,7 @@ def _ste_fwd(x, how):
     # inside the representable range of each block ⇔ |grid value| not saturated
     xb = G.to_blocks(x.astype(jnp.float32), qa.block_shape)
     s = G.expand_stat(qa.scale_array())
-    y = xb / s
+    y = ranges.safe_div(xb, s)
     if qa.zero is not None:
         y = y + G.expand_stat(qa.zero)
     fmt = how.fmt

@@ -45,7 +45,10 @@ def quantize_scales(qa: QArray, how: QuantConfig, *, center: bool = False) -> QA
     c = jnp.concatenate([s - mu, jnp.zeros((pad,), jnp.float32)]) if pad else s - mu
     inner = quantize(c, how.replace(axis=-1))
     if center:  # x = decode·s2 + μ  ⇔  (decode − z)·s2 with z = −μ/s2
+        # a block of scales all equal to μ has s2 = 0 (codes of 0): give it s2 = 1 so μ survives
         s2 = inner.scale_array()
+        s2 = jnp.where(s2 > 0, s2, 1.0)
+        inner = dataclasses.replace(inner, scale=s2.astype(inner.scale.dtype))
         z = (inner.zero if inner.zero is not None else jnp.zeros_like(s2)) - mu / s2
         inner = dataclasses.replace(inner, zero=z)
     return dataclasses.replace(qa, scale=inner)

@@ -11,6 +11,7 @@ column index in CSR rows).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from numerics.qarray import QArray
 
 @dataclasses.dataclass(frozen=True)
 class DenseSparse:
-    dense: QArray  # quantized weight [out, in]
+    dense: QArray  # quantized weight [out, in] (or any leaf with .dequantize / .bits_per_weight)
     rows: Int[Array, " k"]  # outlier row indices (int32)
     cols: Int[Array, " k"]  # outlier column indices (int32)
     values: Float[Array, " k"]  # outlier values (stored as float16 by default)
@@ -43,7 +44,13 @@ class DenseSparse:
         return w.astype(dt)
 
     def bits_per_weight(self) -> float:
-        return _qa_bits(self.dense, n_outliers=self.n_outliers, bits_per_outlier=self.bits_per_outlier)
+        if isinstance(self.dense, QArray):
+            return _qa_bits(
+                self.dense, n_outliers=self.n_outliers, bits_per_outlier=self.bits_per_outlier
+            )
+        # any other dense leaf that counts itself (e.g. SqueezeLLM's per-row lookup tables)
+        size = math.prod(self.dense.shape)
+        return self.dense.bits_per_weight() + self.n_outliers * self.bits_per_outlier / size
 
 
 jax.tree_util.register_dataclass(DenseSparse)
@@ -60,9 +67,12 @@ def split_outliers(
 
 
 def weight_bits(w) -> float:
-    """Bits per weight of any weight leaf: QArray, DenseSparse, or a float array (its dtype)."""
+    """Bits per weight of any weight leaf: QArray, DenseSparse, an object with its own
+    ``bits_per_weight()`` (e.g. a lookup-table weight), or a float array (its dtype)."""
     if isinstance(w, DenseSparse):
         return w.bits_per_weight()
     if isinstance(w, QArray):
         return _qa_bits(w)
+    if callable(getattr(w, "bits_per_weight", None)):  # other quantized leaves count themselves
+        return float(w.bits_per_weight())
     return float(jnp.dtype(w.dtype).itemsize * 8)

@@ -57,7 +57,7 @@ def test_error_at_most_half_a_step_inside_range(data):
     x = jnp.asarray(data.draw(arrays(shape)))
     qa = quantize(x, cfg)
     s = _grid(qa)
-    y = np.asarray(x) / s
+    y = np.divide(np.asarray(x), s, out=np.zeros_like(s), where=s != 0)  # s = 0: zero block
     if qa.zero is not None:
         y = y + _grid(dataclasses.replace(qa, scale=qa.zero))
     lo, hi = cfg.fmt.bracket(jnp.asarray(y, jnp.float32))
@@ -119,6 +119,18 @@ def test_zero_and_constant_groups(cfg):
     if not cfg.zero_point and cfg.scale_kind == "float":  # pow2 scales cannot hit 0.37
         np.testing.assert_allclose(out[1], 0.37, rtol=1e-6)  # constant group maps onto max
         np.testing.assert_allclose(out[2, :8], -5.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["binary", "bipolar2", "bipolar3", "ternary", "nf4", "int4", "fp4_e2m1"])
+def test_zero_blocks_dequantize_to_exact_zeros_in_every_format(fmt):
+    """Formats without a zero level (binary, bipolar) included: s = 0 for a zero block."""
+    rng = "absmean" if fmt in ("binary", "ternary") else "minmax"
+    cfg = QuantConfig(format=fmt, granularity="group", group_size=8, range=rng)
+    x = jnp.zeros((2, 16), jnp.float32).at[1, 8:].set(0.7)
+    out = np.asarray(fake_quant(x, cfg))
+    np.testing.assert_array_equal(out[0], 0.0)
+    np.testing.assert_array_equal(out[1, :8], 0.0)
+    np.testing.assert_array_equal(fake_quant(2 * x, cfg), 2 * fake_quant(x, cfg))
 
 
 def test_granularities_give_expected_scale_shapes():
@@ -254,6 +266,7 @@ def test_nan_under_jit_poisons_only_its_block():
         (dict(granularity="group", group_size=0), "group_size"),
         (dict(format="int4", zero_point=True, scale_kind="pow2"), "power-of-two"),
         (dict(percentile=0.0), "percentile"),
+        (dict(format="bipolar2", scale_kind="pow2"), "2\\^emax"),
     ],
 )
 def test_bad_config_rejected(kw, match):
