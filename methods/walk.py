@@ -6,12 +6,18 @@ block at a time; inside a block the linears are quantized in GPTQ's "true sequen
 groups were quantized), and the *quantized* block's outputs feed the next block. Each linear is
 handed to ``layer_fn(W, LayerStats, cfg, key=...)`` (a method's pure core) and its float
 weight leaf is replaced by the returned quantized leaf.
+
+Resumable runs: with ``checkpoint_dir`` every finished block is saved (packed codes, orbax;
+``methods.checkpoint``); a rerun with the same inputs loads the finished blocks, only runs them
+forward (``harness.capture.sequential(done_blocks=...)``) and quantizes the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -55,6 +61,15 @@ def row_sample(n_rows: int, seed: int = 0) -> capture.Accumulator:
 
 
 def accumulators_for(needs: tuple[str, ...], n_x_rows: int) -> dict[str, capture.Accumulator]:
+    """The accumulators a method's ``needs`` call for. The same objects for the same arguments:
+    ``harness.capture`` caches its jitted capture steps on their identity."""
+    return dict(_accumulators(tuple(needs), n_x_rows))
+
+
+@functools.lru_cache(maxsize=64)
+def _accumulators(
+    needs: tuple[str, ...], n_x_rows: int
+) -> tuple[tuple[str, capture.Accumulator], ...]:
     accs: dict[str, capture.Accumulator] = {}
     if "H" in needs:
         accs["H"] = capture.hessian()
@@ -64,7 +79,7 @@ def accumulators_for(needs: tuple[str, ...], n_x_rows: int) -> dict[str, capture
         accs["absmean"] = capture.absmean()
     if "act_absmax" in needs:
         accs["absmax"] = capture.absmax()
-    return accs
+    return tuple(accs.items())
 
 
 def layer_stats(state: Mapping[str, Any], fisher: Any = None) -> LayerStats:
@@ -74,10 +89,10 @@ def layer_stats(state: Mapping[str, Any], fisher: Any = None) -> LayerStats:
         n = min(int(state["X"]["n"]), state["X"]["X"].shape[0])
         X = state["X"]["X"][:n]
     return LayerStats(
-        H=state["H"]["H"] if "H" in state else None,
+        H=state["H"].H if "H" in state else None,  # capture.HessianState
         X=X,
-        act_absmean=state["absmean"]["absmean"] if "absmean" in state else None,
-        act_absmax=state["absmax"]["absmax"] if "absmax" in state else None,
+        act_absmean=state["absmean"].mean if "absmean" in state else None,  # capture.MeanState
+        act_absmax=state["absmax"] if "absmax" in state else None,  # a float32 [d] array
         fisher=fisher,
     )
 
@@ -96,18 +111,35 @@ def quantize_sequential(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    on_block_done: Callable[[int], None] | None = None,
 ) -> QuantizedModel:
     """Quantize every block linear of ``params`` with ``layer_fn`` (see the module docstring).
 
     ``extra_stats`` maps full linear names (``blocks.3.mlp.up_proj``) to extra statistics
-    computed outside the walk (e.g. SqueezeLLM's Fisher information: ``{"fisher": F}``)."""
+    computed outside the walk (e.g. SqueezeLLM's Fisher information: ``{"fisher": F}``).
+    ``checkpoint_dir``: save each finished block there and resume from the finished ones.
+    ``on_block_done(i)`` is called after block ``i`` is quantized (and saved)."""
     t0 = time.perf_counter()
     report: list[dict[str, Any]] = []
+    ckpt, done = None, {}
+    if checkpoint_dir is not None:
+        from methods import checkpoint
+
+        run_id = checkpoint.fingerprint(
+            params, repr(model_cfg), calib_tokens, repr(cfg), _qualname(layer_fn), needs,
+            true_sequential, n_x_rows, extra_stats or {}, seed, batch_size,
+        )
+        ckpt = checkpoint.BlockCheckpoints(Path(checkpoint_dir), run_id)
+        for i, (bp, rows) in ckpt.finished().items():
+            done[i] = bp
+            report.extend(rows)
     accs = accumulators_for(needs, n_x_rows)
     groups = TRUE_SEQUENTIAL if true_sequential else (tuple(n for g in TRUE_SEQUENTIAL for n in g),)
     extra = extra_stats or {}
 
     def on_block(i: int, bp: Any, calib: capture.BlockCalibration) -> Any:
+        first = len(report)
         for gi, group in enumerate(groups):
             if gi > 0 and accs:
                 calib.recapture(bp, group)
@@ -120,10 +152,15 @@ def quantize_sequential(
                 res = layer_fn(jnp.asarray(W, jnp.float32), stats, cfg, key=key)
                 jax.block_until_ready(jax.tree_util.tree_leaves(res.weight))
                 report.append(
-                    {"name": name, "bits": weight_bits(res.weight), "seconds": time.perf_counter() - t}
-                    | {k: v for k, v in res.info.items() if np.isscalar(v)}
+                    {"name": name, "bits": weight_bits(res.weight),
+                     "seconds": time.perf_counter() - t}
+                    | {k: _scalar(v) for k, v in res.info.items() if _is_scalar(v)}
                 )
                 bp = set_param(bp, rel, res.weight)
+        if ckpt is not None:
+            ckpt.save(i, bp, report[first:])
+        if on_block_done is not None:
+            on_block_done(i)
         return bp
 
     new_params = capture.sequential(
@@ -134,7 +171,21 @@ def quantize_sequential(
         accumulators=accs or None,
         batch_size=batch_size,
         progress=progress,
+        done_blocks=done,
     )
     sizes = {r["name"]: int(np.prod(get_param(params, r["name"]).shape)) for r in report}
     bpw = sum(r["bits"] * sizes[r["name"]] for r in report) / max(sum(sizes.values()), 1)
     return QuantizedModel(new_params, report, time.perf_counter() - t0, bpw)
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is not None and np.ndim(v) == 0
+
+
+def _scalar(v: Any) -> Any:
+    """A report value: Python scalars as they are, 0-d arrays (a jitted core's loss) as float."""
+    return v if isinstance(v, str | bool | int | float) else float(v)
+
+
+def _qualname(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -1,0 +1,324 @@
+"""AWQ model walk (arXiv 2306.00978; mit-han-lab/llm-awq ``pre_quant.run_awq``).
+
+Block by block (``harness.capture.sequential``), following the repo's LLaMA branch:
+
+1. the inputs of every linear of the full-precision block are captured once;
+2. for each group of linears sharing an input (``harness.model.ADAPTERS``: q/k/v, o, gate/up,
+   down) one scale ``s`` is searched (``core.search_alpha``) on the output of the module the
+   repo inspects: the whole attention for q/k/v, the whole MLP for gate/up, the linear itself
+   for o and down — all searches on the original block;
+3. the scales are folded (``fold_scales``): the group's weight columns ``×= s`` and the
+   preceding RMSNorm weight ``/= s`` (q/k/v, gate/up) or the preceding linear's rows ``/= s``
+   (v_proj rows for o_proj, up_proj rows for down_proj). With grouped-query attention v_proj
+   has fewer rows than o_proj has inputs, so o_proj is not scaled (the repo's
+   ``v_proj.weight.shape == o_proj.weight.shape`` test; its PR #67);
+4. every linear but q/k (repo: "due to qk bmm, it is hard to clip precisely") gets the clipping
+   search on its scaled inputs ``x / s``; then all seven are quantized (min-max, asym INT).
+
+The next block's inputs are the *full-precision* block's outputs (``propagate="fp"``, as the
+repo, which computes them before scaling) or the quantized block's (``"quantized"``).
+With ``checkpoint_dir`` an interrupted run resumes after its last saved block.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harness import capture
+from harness.layers import NO_HOOKS
+from harness.model import (
+    ADAPTERS,
+    MLP,
+    Attention,
+    LinearGroup,
+    Model,
+    ModelConfig,
+    get_param,
+    set_param,
+)
+from methods.awq import core
+from methods.awq.core import AWQConfig, ScaledQArray, quantize_layer
+from methods.base import Method, QuantizedModel, register
+from methods.walk import layer_stats
+from numerics.quantize import quantize
+from numerics.sparse import weight_bits
+
+INSPECT = {"attn.q_proj": "attn", "mlp.gate_proj": "mlp"}  # repo's module2inspect (LLaMA)
+NO_CLIP = ("attn.q_proj", "attn.k_proj")
+
+__all__ = [
+    "AWQConfig",
+    "ScaledQArray",
+    "quantize_layer",
+    "quantize_model",
+    "fold_scales",
+    "search_block_scales",
+    "awq_block",
+]
+
+
+def _rep_layer(cfg: ModelConfig, i: int) -> int:
+    """First block with block ``i``'s attention type (same RoPE / window): one compile for all."""
+    return next(j for j in range(cfg.n_layers) if cfg.layer_type(j) == cfg.layer_type(i))
+
+
+def _apply(kind: str, cfg: ModelConfig, layer: int, sub: Any, x, pos):
+    if kind == "attn":
+        return Attention(cfg, layer, NO_HOOKS, "attn.").apply({"params": sub}, x, pos)
+    if kind == "mlp":
+        return MLP(cfg, layer, NO_HOOKS, "mlp.").apply({"params": sub}, x)
+    return jnp.matmul(x, sub["w"].T, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "cfg", "layer", "names", "qcfg", "n_grid"))
+def _search_group(sub, s_X, xs, pos, *, kind, cfg, layer, names, qcfg, n_grid):
+    """Scale search on a module's output; ``xs`` [nb, bs, t, d] and ``pos`` [nb, bs, t]."""
+
+    def run(p):
+        return jax.lax.map(lambda xp: _apply(kind, cfg, layer, p, xp[0], xp[1]), (xs, pos))
+
+    y0 = run(sub)
+
+    def loss(s):
+        p = dict(sub) | {n: core.scaled_fake_quant(sub[n], s, qcfg) for n in names}
+        return jnp.mean(jnp.square((run(p) - y0).astype(jnp.float32)))
+
+    return core.search_alpha(loss, s_X, n_grid)
+
+
+_clip_search = jax.jit(
+    core.clip_search, static_argnums=2, static_argnames=("group_size", "n_grid", "max_shrink")
+)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _capture(model: Model, layer: int, bp, h, pos):
+    return model.apply_block(bp, layer, h, pos, capture=True)[1]
+
+
+def _batches(n: int, batch_size: int) -> int:
+    """Largest divisor of ``n`` that is ≤ ``batch_size`` (so batches stack into one array)."""
+    return max(b for b in range(1, min(batch_size, n) + 1) if n % b == 0)
+
+
+def _foldable(bp: Any, group: LinearGroup) -> bool:
+    if group.norm is not None:
+        return True
+    d_in = get_param(bp, group.names[0]).shape[1]
+    return group.prev is not None and get_param(bp, group.prev).shape[0] == d_in
+
+
+def fold_scales(bp: Any, group: LinearGroup, s) -> Any:
+    """Fold ``s`` into block params: columns of the group's linears ``×= s``, the preceding norm
+    ``/= s`` or the preceding linear's rows (and bias) ``/= s``. Full-precision outputs are
+    unchanged (up to float rounding)."""
+    s = jnp.asarray(s, jnp.float32)
+    for n in group.names:
+        W = get_param(bp, n)
+        bp = set_param(bp, n, (W * s[None, :]).astype(W.dtype))
+    if group.norm is not None:
+        w = get_param(bp, group.norm)
+        return set_param(bp, group.norm, (w / s).astype(w.dtype))
+    if group.prev is None:
+        raise ValueError(f"group {group.names} has nothing to fold its scales into")
+    P = get_param(bp, group.prev)
+    if P.shape[0] != s.shape[0]:
+        raise ValueError(
+            f"cannot fold {s.shape[0]} scales into the {P.shape[0]} rows of {group.prev}"
+        )
+    bp = set_param(bp, group.prev, (P / s[:, None]).astype(P.dtype))
+    try:
+        b = get_param(bp, group.prev + "_bias")
+    except KeyError:
+        return bp
+    return set_param(bp, group.prev + "_bias", (b / s).astype(b.dtype))
+
+
+def _inputs(model: Model, i: int, bp, h, positions, batch_size: int) -> dict[str, Any]:
+    """Every linear's inputs ``[n, t, d]`` in the block ``bp`` (captured in micro-batches)."""
+    rep = _rep_layer(model.cfg, i)
+    parts = [
+        _capture(model, rep, bp, h[s : s + batch_size], positions[s : s + batch_size])
+        for s in range(0, h.shape[0], batch_size)
+    ]
+    return {k: jnp.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+
+def search_block_scales(
+    model: Model, i: int, bp, ins: dict, s_X: dict, positions, cfg: AWQConfig, batch_size: int = 8
+) -> dict[str, dict[str, Any]]:
+    """One scale search per input group of block ``i`` (on the unmodified block ``bp``).
+
+    Returns ``{first linear name: {"s", "alpha", "losses"}}``; groups that cannot be folded
+    (grouped-query o_proj) are absent."""
+    out = {}
+    n = positions.shape[0]
+    bs = _batches(n, batch_size)
+    pos = positions.reshape(n // bs, bs, -1)
+    for group in ADAPTERS[model.cfg.family]:
+        if not _foldable(bp, group):
+            continue
+        lead = group.names[0]
+        kind = INSPECT.get(lead, "linear")
+        if kind == "linear":
+            if len(group.names) != 1:
+                raise ValueError(f"no module to inspect for the group {group.names}")
+            sub, names = {"w": get_param(bp, lead)}, ("w",)
+        else:
+            sub = bp[kind]
+            names = tuple(nm.split(".", 1)[1] for nm in group.names)
+        x = ins[lead]
+        xs = x.reshape((n // bs, bs) + x.shape[1:])
+        s, alpha, losses = _search_group(
+            sub,
+            s_X[lead],
+            xs,
+            pos,
+            kind=kind,
+            cfg=model.cfg,
+            layer=_rep_layer(model.cfg, i),
+            names=names,
+            qcfg=cfg.quant_config(),
+            n_grid=cfg.n_grid,
+        )
+        out[lead] = {"s": s, "alpha": alpha, "losses": losses}
+    return out
+
+
+def awq_block(
+    model: Model, i: int, bp, calib: capture.BlockCalibration, cfg: AWQConfig, batch_size: int = 8
+) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """AWQ on block ``i``: ``(scaled float block, quantized block, report rows)``."""
+    groups = ADAPTERS[model.cfg.family]
+    t = time.perf_counter()
+    ins = _inputs(model, i, bp, calib.inputs, calib.positions, batch_size)
+    s_X = {g.names[0]: layer_stats(calib[g.names[0]]).act_absmean for g in groups}
+    found = search_block_scales(model, i, bp, ins, s_X, calib.positions, cfg, batch_size)
+    bp_s = bp
+    for g in groups:
+        if g.names[0] in found:
+            bp_s = fold_scales(bp_s, g, found[g.names[0]]["s"])
+    t_search = time.perf_counter() - t
+    qcfg = cfg.quant_config()
+    bp_q, rows = bp_s, []
+    for g in groups:
+        info = found.get(g.names[0])
+        s = info["s"] if info is not None else None
+        for j, name in enumerate(g.names):
+            t = time.perf_counter()
+            W = get_param(bp_s, name)
+            row: dict[str, Any] = {"name": f"blocks.{i}.{name}", "scaled": info is not None}
+            if info is not None:
+                row |= {
+                    "alpha": float(info["alpha"]),
+                    "loss": float(jnp.min(info["losses"])),
+                    "loss_rtn": float(info["losses"][0]),
+                }
+            if cfg.clip and name not in NO_CLIP:
+                X = ins[g.names[0]].reshape(-1, W.shape[1]).astype(jnp.float32)
+                X = core.clip_rows(X, cfg.clip_n_tokens)
+                if s is not None:
+                    X = X / s[None, :]
+                m = _clip_search(
+                    W.astype(jnp.float32),
+                    X,
+                    qcfg,
+                    group_size=cfg.group_size,
+                    n_grid=cfg.clip_grid,
+                    max_shrink=cfg.clip_max_shrink,
+                )
+                amax = jnp.max(jnp.abs(W.reshape(m.shape + (-1,))), axis=-1)
+                row["clip_ratio"] = float(jnp.mean(m / jnp.maximum(amax, 1e-30)))
+                W = core.apply_clip(W, m)
+            qa = quantize(W, qcfg)
+            bp_q = set_param(bp_q, name, qa)
+            jax.block_until_ready(qa)
+            row["bits"] = weight_bits(qa)
+            row["seconds"] = (
+                time.perf_counter() - t + (t_search if (j == 0 and g is groups[0]) else 0.0)
+            )
+            rows.append(row)
+    return bp_s, bp_q, rows
+
+
+def quantize_model(
+    params,
+    model_cfg: ModelConfig,
+    calib_tokens,
+    cfg: AWQConfig,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    on_block_done: Callable[[int], None] | None = None,
+) -> QuantizedModel:
+    """AWQ over every block (module docstring); returns params with QArray linears and the
+    scales folded into the norms / preceding linears.
+
+    ``checkpoint_dir``: each finished quantized block is saved there (``methods.checkpoint``)
+    and a rerun with the same inputs resumes after the last saved block; ``on_block_done(i)``
+    is called after block ``i`` is saved."""
+    t0 = time.perf_counter()
+    model = Model(model_cfg)
+    done: dict[int, Any] = {}
+    report: list[dict[str, Any]] = []
+    ckpt = None
+    if checkpoint_dir is not None:
+        from methods import checkpoint
+
+        run_id = checkpoint.fingerprint(
+            params, repr(model_cfg), calib_tokens, repr(cfg), "methods.awq", batch_size
+        )
+        ckpt = checkpoint.BlockCheckpoints(Path(checkpoint_dir), run_id)
+        for i, (bq, rows) in ckpt.finished().items():
+            done[i] = bq
+            report.extend(rows)
+    # finished blocks only run forward: the fp block itself when the fp stream propagates
+    forward = {i: params["blocks"][i] if cfg.propagate == "fp" else bq for i, bq in done.items()}
+
+    def on_block(i, bp, calib):
+        _, bp_q, rows = awq_block(model, i, bp, calib, cfg, batch_size)
+        done[i] = bp_q
+        report.extend(rows)
+        if ckpt is not None:
+            ckpt.save(i, bp_q, rows)
+        if on_block_done is not None:
+            on_block_done(i)
+        # "fp": the unmodified block, whose outputs the repo computes before scaling
+        return bp if cfg.propagate == "fp" else bp_q
+
+    new = capture.sequential(
+        params,
+        model_cfg,
+        calib_tokens,
+        on_block,
+        accumulators={"absmean": capture.absmean()},
+        batch_size=batch_size,
+        progress=progress,
+        done_blocks=forward,
+    )
+    new = {**new, "blocks": [done[i] for i in range(model_cfg.n_layers)]}
+    sizes = {r["name"]: int(np.prod(get_param(params, r["name"]).shape)) for r in report}
+    bpw = sum(r["bits"] * sizes[r["name"]] for r in report) / max(sum(sizes.values()), 1)
+    return QuantizedModel(new, report, time.perf_counter() - t0, bpw)
+
+
+METHOD = register(
+    Method(
+        name="awq",
+        config=AWQConfig,
+        quantize_layer=quantize_layer,
+        quantize_model=quantize_model,
+        paper="2306.00978",
+        needs=("X", "act_absmean"),
+        beats_rtn=True,
+    )
+)

@@ -1,0 +1,280 @@
+"""GPTQ — one-shot weight quantization with second-order error feedback.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", arXiv 2210.17323, Algorithm 1; checked against IST-DASLab/gptq
+(``gptq.py: GPTQ.fasterquant``, ``quant.py: Quantizer.find_params``).
+
+For one linear ``W[out, in]`` with calibration inputs ``X`` the layer-wise objective is
+``‖WX − ŴX‖²`` whose Hessian w.r.t. a row of ``W`` is ``H = 2XXᵀ`` (eq. 1–2). Columns (input
+channels) are quantized left to right; after column ``j`` is rounded to ``q`` the error is
+spread over the not-yet-quantized columns through the inverse Hessian (OBS update, eq. 3,
+in its Cholesky form, Step 3 of §4):
+
+    U = chol(H⁻¹)ᵀ            (upper; H⁻¹ = UᵀU, after damping H += λI, λ = percdamp·mean diag H)
+    e = (w_j − q_j) / U_jj
+    W[:, k] −= e · U_jk        for k > j
+
+Lazy batch updates (Step 2): inside a block of ``block_size`` columns the updates are applied
+column by column to the block only; the rest of ``W`` receives them once per block as a matrix
+product ``E · U[block, rest]``. Implementation (all compiled, ``cfg`` static): a ``lax.scan``
+over blocks whose body runs a ``lax.fori_loop`` over the block's columns.
+
+Details as in the reference:
+
+* dead inputs (``diag H = 0``): ``H_jj := 1`` and ``W[:, j] := 0``;
+* ``act_order`` ("desc_act"): columns are processed by decreasing ``diag H`` and un-permuted at
+  the end (the QArray is in the original column order);
+* groups: without act-order, a group's scale/zero point are chosen when its first column is
+  reached, from the weights as updated by all *previous blocks* (the reference reads
+  ``W[:, i:i+g]``, which lazily lacks the current block's updates — reproduced exactly);
+  ``static_groups``: every group's parameters are chosen once, from ``W`` before any update;
+  per-channel (``group_size=None``): from the original ``W`` (the reference's first
+  ``find_params``);
+* ``mse_clip``: the group parameters come from the ``numerics`` "mse" range (the reference's
+  ``find_params(mse=True)``: shrink grid 100, max shrink 0.8, norm 2.4).
+
+Differences from the reference, on purpose:
+
+* the grid is lowbit's (``numerics.config.rtn``, the same as the RTN baseline): asymmetric
+  ``uint{b}`` with integer zero point — identical to the reference's, with the scale rounded to
+  float16 first so that dequantization reproduces GPTQ's ``Q`` exactly; *symmetric* is the
+  signed narrow grid ``[−(2^{b−1}−1), 2^{b−1}−1]·s`` rather than the reference's
+  ``uint{b}`` with fixed zero ``2^{b−1}`` (an extra negative level);
+* act-order with groups needs ``static_groups=True``: lowbit's ``QArray`` stores contiguous
+  groups (no per-column group index ``g_idx``), and permuted dynamic groups are not contiguous;
+* ``block_size`` and ``group_size`` must nest (one divides the other), so a block starts at most
+  one group or holds whole groups (the defaults 128/128 do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, UInt8
+
+from methods.base import LayerResult, LayerStats, check_bits, check_group
+from numerics import granularity as G
+from numerics import ranges
+from numerics.config import QuantConfig, rtn
+from numerics.qarray import QArray
+from numerics.quantize import check_input
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQConfig:
+    bits: int = 4  # weight bits
+    group_size: int | None = 128  # columns (input channels) per scale; None: one per output row
+    sym: bool = False  # False: uint codes + zero point (the reference's default)
+    percdamp: float = 0.01  # λ = percdamp · mean(diag H)
+    block_size: int = 128  # columns per lazy-batch block (Step 2)
+    act_order: bool = False  # process columns by decreasing diag H ("desc_act")
+    static_groups: bool = False  # group parameters from W before any update (needed w/ act_order)
+    mse_clip: bool = False  # MSE grid search of each group's clipping range
+    true_sequential: bool = True  # q/k/v → o → gate/up → down inside a block (the walk's order)
+    scale_dtype: str = "float16"  # stored scales (the paper counts 16-bit scales)
+
+    def __post_init__(self):
+        check_bits(self.bits, (2, 3, 4, 8) if self.sym else (1, 2, 3, 4, 8), "GPTQ")
+        check_group(self.group_size, "GPTQ")
+        if not (isinstance(self.percdamp, float | int) and 0.0 < self.percdamp < 1.0):
+            raise ValueError(f"GPTQ: percdamp must be in (0, 1), got {self.percdamp!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"GPTQ: block_size must be a positive int, got {self.block_size!r}")
+        g, b = self.group_size, self.block_size
+        if g is not None and g % b and b % g:
+            raise ValueError(f"GPTQ: block_size {b} and group_size {g} must divide one another")
+        if self.act_order and g is not None and not self.static_groups:
+            raise ValueError(
+                "GPTQ: act_order with group_size needs static_groups=True (QArray groups are "
+                "contiguous input channels; permuted dynamic groups would need a g_idx)"
+            )
+
+    @classmethod
+    def for_format(cls, bits: int, group_size: int | None, **kw) -> GPTQConfig:
+        """The paper's defaults at ``W{bits} g{group_size}`` (asymmetric, as the paper's tables)."""
+        return cls(bits=bits, group_size=group_size, **kw)
+
+    def quant_config(self) -> QuantConfig:
+        return rtn(
+            self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            scale_dtype=self.scale_dtype,
+            range="mse" if self.mse_clip else "minmax",
+        )
+
+
+# --------------------------------------------------------------------------------- the core
+
+
+def _params(Wg: Float[Array, "out n"], g: int, how: QuantConfig):
+    """Scale / zero point of each group of ``g`` consecutive columns: ``[out, n // g]`` each."""
+    s, z = ranges.choose_params(G.to_blocks(Wg, (1, g)), how)
+    return s, (jnp.zeros_like(s) if z is None else z)
+
+
+def _per_column(p: Array, g: int) -> Array:
+    """``[out, k]`` → ``[out, k·g]``: each group's value for each of its columns."""
+    r, k = p.shape
+    return jnp.broadcast_to(p[:, :, None], (r, k, g)).reshape(r, k * g)
+
+
+def _round(w: Array, s: Array, z: Array, how: QuantConfig) -> tuple[Array, Array]:
+    """Codes and quantized values ``q = (decode(code) − z)·s`` of one column (lowbit's grid)."""
+    y = w / s
+    if how.zero_point:
+        y = jnp.round(y) + z
+    code = how.fmt.encode(y)
+    return code, (how.fmt.decode(code) - z) * s
+
+
+def inverse_hessian_factor(H: Float[Array, "n n"], percdamp: float) -> Float[Array, "n n"]:
+    """``U`` upper triangular with ``(H + λI)⁻¹ = UᵀU``, ``λ = percdamp·mean(diag H)`` (§4 Step 3:
+    Cholesky of H, its inverse, then the Cholesky factor of the inverse)."""
+    n = H.shape[0]
+    damp = percdamp * jnp.mean(jnp.diag(H))
+    Hd = H + damp * jnp.eye(n, dtype=H.dtype)
+    L = jnp.linalg.cholesky(Hd)
+    Hinv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(n, dtype=H.dtype))
+    return jnp.linalg.cholesky(Hinv).T
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def gptq(
+    W: Float[Array, "out n"], H: Float[Array, "n n"], cfg: GPTQConfig
+) -> tuple[UInt8[Array, "out n"], Array, Array, Array]:
+    """Algorithm 1 of arXiv 2210.17323 (see the module docstring).
+
+    Returns ``(codes [out, n] uint8, scale [out, n_groups] float32 (float16-exact),
+    zero [out, n_groups] float32 (0 when symmetric), loss)`` where ``loss`` is the reference's
+    ``Σ (w − q)² / U_jj² / 2``, GPTQ's estimate of ``‖WX − ŴX‖²`` (up to H's normalization).
+    """
+    how = cfg.quant_config()
+    rows, n = W.shape
+    g = cfg.group_size or n
+    W = W.astype(jnp.float32)
+    H = H.astype(jnp.float32)
+
+    dead = jnp.diag(H) == 0
+    W0 = W  # per-channel parameters come from W before the dead columns are zeroed
+    H = H + jnp.diag(dead.astype(jnp.float32))
+    W = jnp.where(dead[None, :], 0.0, W)
+
+    # Fixed per-column parameters (per-channel / static groups), in the original column order.
+    static = cfg.group_size is None or cfg.static_groups
+    if cfg.group_size is None:
+        S0, Z0 = _params(W0, n, how)
+    else:
+        S0, Z0 = _params(W, g, how)
+    S0, Z0 = _per_column(S0, g), _per_column(Z0, g)
+
+    perm = jnp.argsort(-jnp.diag(H), stable=True) if cfg.act_order else jnp.arange(n)
+    W, H, S0, Z0 = W[:, perm], H[perm][:, perm], S0[:, perm], Z0[:, perm]
+
+    # Pad to whole blocks: padded columns are zero with identity Hessian rows, so they are
+    # decoupled from the real ones (U is block diagonal there) and quantize to exact zeros.
+    B = min(cfg.block_size, n)
+    pad = -n % B
+    m = n + pad
+    U = inverse_hessian_factor(H, cfg.percdamp)
+    U = jnp.pad(U, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(m) >= n).astype(jnp.float32))
+    W = jnp.pad(W, ((0, 0), (0, pad)))
+    S0 = jnp.pad(S0, ((0, 0), (0, pad)), constant_values=1.0)
+    Z0 = jnp.pad(Z0, ((0, 0), (0, pad)))
+
+    def block_params(Wc, i1, cur):
+        """Per-column (scale, zero) ``[out, B]`` of the block starting at column ``i1``."""
+        if static:
+            sl = lambda A: jax.lax.dynamic_slice_in_dim(A, i1, B, axis=1)
+            return sl(S0), sl(Z0), cur
+        if g <= B:  # the block holds whole groups: each starts here
+            s, z = _params(jax.lax.dynamic_slice_in_dim(Wc, i1, B, axis=1), g, how)
+            return _per_column(s, g), _per_column(z, g), cur
+
+        # g > B: a group starts at this block iff i1 % g == 0; otherwise keep the current one
+        def fresh(_):
+            s, z = _params(jax.lax.dynamic_slice_in_dim(Wc, i1, g, axis=1), g, how)
+            return s[:, 0], z[:, 0]
+
+        cur = jax.lax.cond(i1 % g == 0, fresh, lambda c: c, cur)
+        rep = lambda v: jnp.broadcast_to(v[:, None], (rows, B))
+        return rep(cur[0]), rep(cur[1]), cur
+
+    def block(carry, b):
+        Wc, cur = carry
+        i1 = b * B
+        S1, Z1, cur = block_params(Wc, i1, cur)
+        W1 = jax.lax.dynamic_slice_in_dim(Wc, i1, B, axis=1)
+        U1 = jax.lax.dynamic_slice(U, (i1, i1), (B, B))
+
+        def column(i, c):
+            W1, C1, E1, loss = c
+            w = jax.lax.dynamic_index_in_dim(W1, i, axis=1, keepdims=False)
+            s = jax.lax.dynamic_index_in_dim(S1, i, axis=1, keepdims=False)
+            z = jax.lax.dynamic_index_in_dim(Z1, i, axis=1, keepdims=False)
+            u = jax.lax.dynamic_index_in_dim(U1, i, axis=0, keepdims=False)  # row i of U1
+            d = u[i]
+            code, q = _round(w, s, z, how)
+            e = (w - q) / d
+            W1 = W1 - e[:, None] * u[None, :]  # u[k] = 0 for k < i (U is upper triangular)
+            C1 = jax.lax.dynamic_update_index_in_dim(C1, code, i, axis=1)
+            E1 = jax.lax.dynamic_update_index_in_dim(E1, e, i, axis=1)
+            return W1, C1, E1, loss + jnp.sum(e * e) / 2
+
+        init = (
+            W1,
+            jnp.zeros((rows, B), jnp.uint8),
+            jnp.zeros((rows, B), jnp.float32),
+            jnp.float32(0),
+        )
+        _, C1, E1, loss = jax.lax.fori_loop(0, B, column, init)
+        Ub = jax.lax.dynamic_slice_in_dim(U, i1, B, axis=0)  # [B, m]; zero left of the block
+        Wc = Wc - jnp.matmul(E1, Ub, precision=_HI)  # lazy batch update of the later columns
+        return (Wc, cur), (C1, S1, Z1, loss)
+
+    cur0 = (jnp.ones((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
+    _, (C, S, Z, losses) = jax.lax.scan(block, (W, cur0), jnp.arange(m // B))
+    unblock = lambda A: jnp.moveaxis(A, 0, 1).reshape(rows, m)[:, :n]
+    C, S, Z = unblock(C), unblock(S), unblock(Z)
+    inv = jnp.argsort(perm)
+    C, S, Z = C[:, inv], S[:, inv], Z[:, inv]
+    return C, S[:, ::g], Z[:, ::g], jnp.sum(losses)
+
+
+def quantize_layer(
+    W: Float[Array, "out in"], stats: LayerStats, cfg: GPTQConfig, *, key=None
+) -> LayerResult:
+    """GPTQ of one linear: ``W`` and its inputs' ``H = 2XXᵀ`` (``stats.H``) → ``QArray`` whose
+    dequantization is exactly GPTQ's ``Q``. Jit-able (``cfg`` static); ``key`` unused."""
+    del key  # deterministic
+    if not isinstance(cfg, GPTQConfig):
+        raise TypeError(f"GPTQ: cfg must be a GPTQConfig, got {type(cfg).__name__}")
+    check_input(W, "GPTQ weight")
+    if W.ndim != 2:
+        raise ValueError(f"GPTQ: W must be 2-D [out, in], got shape {tuple(W.shape)}")
+    if stats.H is None:
+        raise ValueError("GPTQ needs LayerStats.H (= 2XXᵀ of the layer's inputs)")
+    n = W.shape[1]
+    check_input(stats.H, "GPTQ Hessian")
+    if stats.H.shape != (n, n):
+        raise ValueError(f"GPTQ: H has shape {tuple(stats.H.shape)}, expected ({n}, {n})")
+    if cfg.group_size is not None and n % cfg.group_size:
+        raise ValueError(f"GPTQ: group_size {cfg.group_size} does not divide in-features {n}")
+    C, S, Z, loss = gptq(W, stats.H, cfg)
+    g = cfg.group_size or n
+    how = cfg.quant_config()
+    qa = QArray(
+        codes=C,
+        scale=S.astype(jnp.dtype(cfg.scale_dtype)),
+        zero=Z if how.zero_point else None,
+        format=how.fmt,
+        block_shape=(1, g),
+        shape=tuple(W.shape),
+        dtype=W.dtype,
+    )
+    return LayerResult(qa, {"loss": loss})

@@ -1,0 +1,227 @@
+"""OmniQuant weight-only model walk: LWC trained block by block (arXiv 2308.13137 §3.1;
+OpenGVLab/OmniQuant ``quantize/omniquant.py``).
+
+Two streams of hidden states run through the model, as in the repo: ``fp`` (the full-precision
+model; its block outputs are the targets) and ``quant`` (the already quantized blocks; its
+hidden states are the inputs of the block being trained). For block ``i`` the logits
+``γ̃, β̃`` of all seven linears are trained together with AdamW to minimise
+
+    MSE(fp_block(fp_in), q_block(quant_in))   (+ MSE(fp_block(quant_in), q_block(quant_in))
+                                               with ``aug_loss``),
+
+then the block's weights become ``QArray``s of the learned clipping and its outputs on
+``quant_in`` are the next block's ``quant_in`` (``harness.capture.sequential``).
+LET (learnable equivalent transformation) is not implemented here (weight-only). With
+``checkpoint_dir`` an interrupted run resumes after its last saved block (the fp stream is
+recomputed through the full-precision blocks).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harness import capture
+from harness.model import (
+    BLOCK_LINEARS,
+    Model,
+    ModelConfig,
+    default_positions,
+    get_param,
+    set_param,
+)
+from methods.base import Method, QuantizedModel, register
+from methods.omniquant import core
+from methods.omniquant.core import OmniQuantConfig, quantize_layer
+from numerics.sparse import weight_bits
+
+__all__ = ["OmniQuantConfig", "quantize_layer", "quantize_model", "train_block"]
+
+
+def _rep_layer(cfg: ModelConfig, i: int) -> int:
+    """First block with block ``i``'s attention type (same RoPE / window): one compile for all."""
+    return next(j for j in range(cfg.n_layers) if cfg.layer_type(j) == cfg.layer_type(i))
+
+
+def _fake_block(bp: Any, theta: dict[str, Any], cfg: OmniQuantConfig) -> Any:
+    for n in BLOCK_LINEARS:
+        bp = set_param(bp, n, core.lwc_fake_quant(get_param(bp, n), theta[n], cfg))
+    return bp
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _train(model: Model, layer: int, cfg: OmniQuantConfig, bp, xq, y, y2, pos):
+    """``xq, y, y2`` [steps, bs, t, d]; ``pos`` [bs, t]. Returns (theta, history, final loss)."""
+    theta0 = {n: core.lwc_init(get_param(bp, n), cfg) for n in BLOCK_LINEARS}
+
+    def loss(theta, batch):
+        x, target, target2 = batch
+        out = model.apply_block(_fake_block(bp, theta, cfg), layer, x, pos)
+        err = jnp.mean(jnp.square(out - target))
+        if cfg.aug_loss:
+            err = err + jnp.mean(jnp.square(out - target2))
+        return err
+
+    return core.fit(theta0, loss, (xq, y, y2), cfg)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(model: Model, layer: int, bp, h, pos):
+    return model.apply_block(bp, layer, h, pos)
+
+
+def _outputs(model: Model, layer: int, bp, h, positions, batch_size: int):
+    return jnp.concatenate(
+        [
+            _forward(model, layer, bp, h[s : s + batch_size], positions[s : s + batch_size])
+            for s in range(0, h.shape[0], batch_size)
+        ],
+        axis=0,
+    )
+
+
+def train_block(
+    model: Model,
+    i: int,
+    bp,
+    fp_in,
+    quant_in,
+    positions,
+    cfg: OmniQuantConfig,
+    *,
+    eval_batch: int = 8,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """LWC for block ``i``: returns ``(quantized block, fp block outputs on fp_in, info)``."""
+    rep = _rep_layer(model.cfg, i)
+    y = _outputs(model, rep, bp, fp_in, positions, eval_batch)
+    y2 = _outputs(model, rep, bp, quant_in, positions, eval_batch) if cfg.aug_loss else y
+    n = quant_in.shape[0]
+    bs = min(cfg.batch_size, n)
+    steps = n // bs  # the repo's nsamples // batch_size (remainder dropped)
+
+    def stack(a):
+        return a[: steps * bs].reshape((steps, bs) + a.shape[1:])
+
+    theta, history = _train(
+        model, rep, cfg, bp, stack(quant_in), stack(y), stack(y2), positions[:bs]
+    )
+    bq = bp
+    for name in BLOCK_LINEARS:
+        bq = set_param(bq, name, core.lwc_quantize(get_param(bp, name), theta[name], cfg))
+    return bq, y, {"history": history, "theta": theta}
+
+
+def _fp_stream(model: Model, params, tokens, upto: int, batch_size: int):
+    """Full-precision hidden states entering block ``upto`` (for a resumed run)."""
+    tokens = jnp.asarray(tokens)
+    embed = jax.jit(model.embed)
+    h = jnp.concatenate(
+        [embed(params, tokens[s : s + batch_size]) for s in range(0, tokens.shape[0], batch_size)]
+    )
+    positions = default_positions(tokens)
+    for j in range(upto):
+        h = _outputs(model, _rep_layer(model.cfg, j), params["blocks"][j], h, positions, batch_size)
+    return h
+
+
+def quantize_model(
+    params,
+    model_cfg: ModelConfig,
+    calib_tokens,
+    cfg: OmniQuantConfig,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    on_block_done: Callable[[int], None] | None = None,
+) -> QuantizedModel:
+    """OmniQuant (LWC, weight-only) over every block; ``batch_size`` is the evaluation micro-batch
+    (the training batch is ``cfg.batch_size``).
+
+    ``checkpoint_dir``: each finished quantized block is saved there (``methods.checkpoint``)
+    and a rerun with the same inputs resumes after the last saved block; ``on_block_done(i)``
+    is called after block ``i`` is saved."""
+    t0 = time.perf_counter()
+    model = Model(model_cfg)
+    state: dict[str, Any] = {}
+    report: list[dict[str, Any]] = []
+    ckpt, done = None, {}
+    if checkpoint_dir is not None:
+        from methods import checkpoint
+
+        run_id = checkpoint.fingerprint(
+            params, repr(model_cfg), calib_tokens, repr(cfg), "methods.omniquant", batch_size
+        )
+        ckpt = checkpoint.BlockCheckpoints(Path(checkpoint_dir), run_id)
+        for i, (bq, rows) in ckpt.finished().items():
+            done[i] = bq
+            report.extend(rows)
+
+    def on_block(i, bp, calib):
+        t = time.perf_counter()
+        if "fp" not in state:  # block 0: both streams start at the embeddings
+            state["fp"] = (
+                calib.inputs if i == 0 else _fp_stream(model, params, calib_tokens, i, batch_size)
+            )
+        bq, y, info = train_block(
+            model, i, bp, state["fp"], calib.inputs, calib.positions, cfg, eval_batch=batch_size
+        )
+        state["fp"] = y
+        hist = np.asarray(info["history"])
+        secs = (time.perf_counter() - t) / len(BLOCK_LINEARS)
+        rows = []
+        for name in BLOCK_LINEARS:
+            gamma = jax.nn.sigmoid(info["theta"][name]["gamma"])
+            beta = jax.nn.sigmoid(info["theta"][name]["beta"])
+            rows.append(
+                {
+                    "name": f"blocks.{i}.{name}",
+                    "bits": weight_bits(get_param(bq, name)),
+                    "seconds": secs,
+                    "loss_first_epoch": float(hist[0]),
+                    "loss_last_epoch": float(hist[-1]),
+                    "gamma_mean": float(jnp.mean(gamma)),
+                    "beta_mean": float(jnp.mean(beta)),
+                }
+            )
+        report.extend(rows)
+        if ckpt is not None:
+            ckpt.save(i, bq, rows)
+        if on_block_done is not None:
+            on_block_done(i)
+        return bq
+
+    new = capture.sequential(
+        params,
+        model_cfg,
+        calib_tokens,
+        on_block,
+        accumulators={},
+        names=(),
+        batch_size=batch_size,
+        progress=progress,
+        done_blocks=done,
+    )
+    sizes = {r["name"]: int(np.prod(get_param(params, r["name"]).shape)) for r in report}
+    bpw = sum(r["bits"] * sizes[r["name"]] for r in report) / max(sum(sizes.values()), 1)
+    return QuantizedModel(new, report, time.perf_counter() - t0, bpw)
+
+
+METHOD = register(
+    Method(
+        name="omniquant",
+        config=OmniQuantConfig,
+        quantize_layer=quantize_layer,
+        quantize_model=quantize_model,
+        paper="2308.13137",
+        needs=("X",),
+        beats_rtn=True,
+    )
+)

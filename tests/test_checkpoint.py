@@ -1,0 +1,194 @@
+"""Quantized checkpoints (methods/checkpoint.py): packed codes, bit-exact round trips, resume."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from harness.model import Model, ModelConfig, init_params
+from methods import checkpoint as ck
+from methods.gptq import GPTQConfig
+from methods.gptq.core import quantize_layer as gptq_layer
+from methods.walk import quantize_sequential
+from numerics.config import mx, rtn
+from numerics.formats import codebook_format
+from numerics.quantize import quantize
+from numerics.scales import double_quantize
+from numerics.sparse import DenseSparse, split_outliers
+
+
+def W(shape=(16, 96), seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def static_json(x):
+    """Static fields compared through their JSON (a NaN in a format's table is != itself)."""
+    return json.dumps(ck.encode(x)[1], sort_keys=True)
+
+
+def assert_same(a, b):
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))  # bits
+    assert static_json(a) == static_json(b)
+
+
+def qarrays():
+    w = W()
+    cb = quantize(w, rtn(3, group_size=32, sym=False))
+    table = codebook_format([-1.0, -0.3, 0.0, 0.2, 0.7, 1.0])  # 6 levels: 3-bit codes, NaN padding
+    rows, cols, vals = split_outliers(w, jnp.abs(w) > 2.0)
+    return {
+        "int3_asym_g32": cb,
+        "int4_sym_channel_bf16": quantize(w.astype(jnp.bfloat16), rtn(4, sym=True)),
+        "codebook": quantize(w, W_cfg(table)),
+        "mxfp4_e8m0_scales": quantize(w, mx("mxfp4")),
+        "double_quantized": double_quantize(quantize(w, rtn(4, group_size=32, sym=False))),
+        "already_packed": cb.pack(axis=-1, word_bits=32),
+        "dense_sparse": DenseSparse(cb, rows, cols, vals),
+        "dense_sparse_empty": DenseSparse(cb, *split_outliers(w, jnp.zeros(w.shape, bool))),
+    }
+
+
+def W_cfg(fmt):
+    from numerics.config import QuantConfig
+
+    return QuantConfig(format=fmt, granularity="group", group_size=32)
+
+
+@pytest.mark.parametrize("name", list(qarrays()))
+def test_round_trip_bit_exact(name, tmp_path):
+    x = qarrays()[name]
+    tree = {
+        "blocks": [{"attn": {"q_proj": x}, "attn_norm": jnp.ones((96,), jnp.float32)}],
+        "none": None,
+    }
+    ck.save_tree(
+        tmp_path / "c",
+        tree,
+        metadata={"report": [{"name": name, "bits": 3.5, "loss": float("nan")}]},
+    )
+    back, meta = ck.load_tree(tmp_path / "c")
+    assert_same(tree, back)
+    assert back["none"] is None
+    assert meta["report"][0]["name"] == name and np.isnan(meta["report"][0]["loss"])
+    np.testing.assert_array_equal(
+        np.asarray(back["blocks"][0]["attn"]["q_proj"].dequantize(jnp.float32)),
+        np.asarray(x.dequantize(jnp.float32)),
+    )
+
+
+def test_codes_are_stored_packed(tmp_path):
+    qa = qarrays()["int3_asym_g32"]  # [16, 96] 3-bit codes: 96 codes = 3 runs of 32 = 9 words
+    arrays, spec = ck.encode({"w": qa})
+    codes = arrays[spec["dict"]["w"]["data"]["codes"]["array"]]
+    assert codes.dtype == np.uint32 and codes.shape == (16, 9)
+    assert not any(a.dtype == np.uint8 and a.shape == qa.shape for a in arrays.values())
+    assert not any(
+        np.issubdtype(a.dtype, np.floating) and a.shape == qa.shape for a in arrays.values()
+    )
+    ck.save_tree(tmp_path / "c", {"w": qa})
+    meta = json.loads((tmp_path / "c" / "meta" / "metadata").read_text())  # plain JSON
+    node = meta["tree"]["dict"]["w"]
+    assert node["static"]["packing"] == {"tuple": [1, 32]} and node["unpack_on_load"]
+    assert node["static"]["format"]["format"] == "numerics.formats:IntFormat"
+
+
+def test_tree_without_arrays(tmp_path):
+    tree = {"empty": jnp.zeros((0, 4), jnp.float16), "none": None, "n": 3, "x": (1.5, float("inf"))}
+    ck.save_tree(tmp_path / "e", tree)
+    back, meta = ck.load_tree(tmp_path / "e")
+    assert back["empty"].shape == (0, 4) and back["empty"].dtype == jnp.float16
+    assert back["none"] is None and back["n"] == 3 and back["x"] == (1.5, float("inf"))
+    assert meta == {}
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ck.load_tree(tmp_path / "missing")
+    with pytest.raises(ValueError, match="refusing"):
+        ck.decode({}, {"dataclass": "os:system", "data": {}, "static": {}})
+    with pytest.raises(TypeError, match="cannot store"):
+        ck.encode({"w": object()})
+    with pytest.raises(TypeError, match="keys must be str"):
+        ck.encode({1: jnp.ones(3)})
+
+
+# ------------------------------------------------------------------------------ resuming
+
+TINY = ModelConfig(
+    vocab_size=64, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128
+)
+CFG = GPTQConfig(bits=3, group_size=32)
+CALLS = []
+
+
+def counted(W, stats, cfg, *, key=None):
+    CALLS.append(W.shape)
+    return gptq_layer(W, stats, cfg, key=key)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = init_params(TINY, 1)
+    tokens = np.random.default_rng(1).integers(0, 64, size=(2, 8)).astype(np.int32)
+    CALLS.clear()
+    full = quantize_sequential(params, TINY, tokens, counted, CFG, needs=("H",))
+    assert len(CALLS) == 7 * TINY.n_layers
+    return params, tokens, full
+
+
+def test_quantized_model_round_trip_same_logits(setup, tmp_path):
+    _, tokens, qm = setup
+    ck.save_tree(tmp_path / "m", qm.params, metadata={"report": qm.report})
+    back, meta = ck.load_tree(tmp_path / "m")
+    assert_same(qm.params, back)
+    assert meta["report"] == qm.report
+    f = jax.jit(Model(TINY).forward)
+    np.testing.assert_array_equal(np.asarray(f(back, tokens)), np.asarray(f(qm.params, tokens)))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_from_last_finished_block(setup, tmp_path):
+    params, tokens, full = setup
+    run = lambda **kw: quantize_sequential(params, TINY, tokens, counted, CFG, needs=("H",), **kw)
+
+    def stop_after_block_1(i):
+        if i == 1:
+            raise Interrupt
+
+    CALLS.clear()
+    with pytest.raises(Interrupt):
+        run(checkpoint_dir=tmp_path, on_block_done=stop_after_block_1)
+    assert len(CALLS) == 7 * 2  # blocks 0 and 1 were quantized (and saved) before the stop
+    assert sorted(p.name for p in tmp_path.glob("block_*")) == ["block_0000", "block_0001"]
+
+    CALLS.clear()
+    resumed = run(checkpoint_dir=tmp_path)
+    assert len(CALLS) == 7  # only block 2: blocks 0 and 1 were loaded, not re-quantized
+    assert_same(full.params, resumed.params)
+    assert [r["name"] for r in resumed.report] == [r["name"] for r in full.report]
+    assert [r["bits"] for r in resumed.report] == [r["bits"] for r in full.report]
+
+    CALLS.clear()
+    again = run(checkpoint_dir=tmp_path)  # everything finished: nothing is quantized
+    assert CALLS == [] and again.bits_per_weight == full.bits_per_weight
+
+    with pytest.raises(ValueError, match="different quantization run"):
+        quantize_sequential(
+            params,
+            TINY,
+            tokens,
+            counted,
+            GPTQConfig(bits=4, group_size=32),
+            needs=("H",),
+            checkpoint_dir=tmp_path,
+        )
