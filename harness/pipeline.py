@@ -1,8 +1,8 @@
 """Glue for scripts and notebooks: load a named model with its tokenizer, evaluate it, write rows.
 
-    model, params, tok = load("smollm2")
-    res, row = eval_perplexity(model, params, tok, model_name="smollm2", corpus="wikitext2",
-                               seqlen=512, limit=8)
+model, params, tok = load("smollm2")
+res, row = eval_perplexity(model, params, tok, model_name="smollm2", corpus="wikitext2",
+                           seqlen=512, limit=8)
 """
 
 from __future__ import annotations
@@ -57,10 +57,17 @@ def eval_perplexity(
     method: str = "fp",
     bits: str = "W16A16",
     data_dir: Any = None,
-    eval_cfg: EvalConfig = EvalConfig(),
+    eval_cfg: EvalConfig | None = None,
 ) -> tuple[PerplexityResult, ResultRow]:
     cfg = PerplexityConfig(protocol=protocol, seqlen=seqlen, limit=limit)
-    res = corpus_perplexity(logits_fn(model, params), tok, corpus, cfg, data_dir=data_dir, eval_cfg=eval_cfg)
+    res = corpus_perplexity(
+        logits_fn(model, params),
+        tok,
+        corpus,
+        cfg,
+        data_dir=data_dir,
+        eval_cfg=eval_cfg or EvalConfig(),
+    )
     label = MODELS[model_name][0] if model_name in MODELS else model_name
     return res, perplexity_row(res, model=label, method=method, bits=bits, dataset=corpus)
 
@@ -76,8 +83,15 @@ def eval_zero_shot(
     method: str = "fp",
     bits: str = "W16A16",
     data_dir: Any = None,
-    eval_cfg: EvalConfig = EvalConfig(),
+    eval_cfg: EvalConfig | None = None,
 ) -> tuple[ZeroShotResult, list[ResultRow]]:
-    res = zero_shot(logits_fn(model, params), tok, task, limit=limit, data_dir=data_dir, cfg=eval_cfg)
+    res = zero_shot(
+        logits_fn(model, params),
+        tok,
+        task,
+        limit=limit,
+        data_dir=data_dir,
+        cfg=eval_cfg or EvalConfig(),
+    )
     label = MODELS[model_name][0] if model_name in MODELS else model_name
     return res, zero_shot_rows(res, model=label, method=method, bits=bits)

@@ -2,12 +2,14 @@
 
 Importing this package registers every method (``methods.base.REGISTRY``)."""
 
+from methods import (
+    awq,  # noqa: F401
+    gptq,  # noqa: F401
+    omniquant,  # noqa: F401
+    rtn,  # noqa: F401  (registers)
+    spqr,  # noqa: F401
+    squeezellm,  # noqa: F401
+)
 from methods.base import REGISTRY, LayerResult, LayerStats, Method, QuantizedModel, get_method
-from methods import rtn  # noqa: F401  (registers)
-from methods import gptq  # noqa: F401
-from methods import spqr  # noqa: F401
-from methods import squeezellm  # noqa: F401
-from methods import awq  # noqa: F401
-from methods import omniquant  # noqa: F401
 
 __all__ = ["REGISTRY", "LayerResult", "LayerStats", "Method", "QuantizedModel", "get_method"]

@@ -32,7 +32,9 @@ class LayerStats:
     X: Float[Array, "n d_in"] | None = None  # a subsample of input rows (output-error objectives)
     act_absmean: Float[Array, " d_in"] | None = None  # per-channel mean |x| (AWQ)
     act_absmax: Float[Array, " d_in"] | None = None  # per-channel max |x| (SmoothQuant)
-    fisher: Float[Array, "d_out d_in"] | None = None  # mean squared gradient of the loss (SqueezeLLM)
+    fisher: Float[Array, "d_out d_in"] | None = (
+        None  # mean squared gradient of the loss (SqueezeLLM)
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -127,8 +127,17 @@ def quantize_sequential(
         from methods import checkpoint
 
         run_id = checkpoint.fingerprint(
-            params, repr(model_cfg), calib_tokens, repr(cfg), _qualname(layer_fn), needs,
-            true_sequential, n_x_rows, extra_stats or {}, seed, batch_size,
+            params,
+            repr(model_cfg),
+            calib_tokens,
+            repr(cfg),
+            _qualname(layer_fn),
+            needs,
+            true_sequential,
+            n_x_rows,
+            extra_stats or {},
+            seed,
+            batch_size,
         )
         ckpt = checkpoint.BlockCheckpoints(Path(checkpoint_dir), run_id)
         for i, (bp, rows) in ckpt.finished().items():
@@ -152,8 +161,11 @@ def quantize_sequential(
                 res = layer_fn(jnp.asarray(W, jnp.float32), stats, cfg, key=key)
                 jax.block_until_ready(jax.tree_util.tree_leaves(res.weight))
                 report.append(
-                    {"name": name, "bits": weight_bits(res.weight),
-                     "seconds": time.perf_counter() - t}
+                    {
+                        "name": name,
+                        "bits": weight_bits(res.weight),
+                        "seconds": time.perf_counter() - t,
+                    }
                     | {k: _scalar(v) for k, v in res.info.items() if _is_scalar(v)}
                 )
                 bp = set_param(bp, rel, res.weight)

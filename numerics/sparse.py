@@ -59,7 +59,7 @@ jax.tree_util.register_dataclass(DenseSparse)
 def split_outliers(
     W: Float[Array, "out in"], mask: Array, *, value_dtype=jnp.float16
 ) -> tuple[Array, Array, Array]:
-    """Outlier coordinates and values of ``W`` where ``mask`` is True (eager: k is data-dependent)."""
+    """Coordinates and values of ``W`` where ``mask`` is True (eager: k is data-dependent)."""
     if mask.shape != W.shape:
         raise ValueError(f"mask shape {mask.shape} != weight shape {W.shape}")
     rows, cols = jnp.nonzero(mask)

@@ -1,8 +1,8 @@
-"""Evaluate a model at full precision: perplexity and zero-shot accuracy, written as JSON + markdown.
+"""Evaluate a model at full precision: perplexity and zero-shot accuracy (JSON + markdown).
 
-    .venv/bin/python scripts/evaluate.py --model smollm2 --corpus wikitext2 --seqlen 2048
-    .venv/bin/python scripts/evaluate.py --model gemma3 --corpus ptb c4 --seqlen 512 --limit 16
-    .venv/bin/python scripts/evaluate.py --model smollm2 --tasks arc_easy piqa --task-limit 200
+.venv/bin/python scripts/evaluate.py --model smollm2 --corpus wikitext2 --seqlen 2048
+.venv/bin/python scripts/evaluate.py --model gemma3 --corpus ptb c4 --seqlen 512 --limit 16
+.venv/bin/python scripts/evaluate.py --model smollm2 --tasks arc_easy piqa --task-limit 200
 """
 
 import argparse
@@ -36,13 +36,21 @@ def main() -> None:
     rows = []
     for corpus in args.corpus:
         _, row = eval_perplexity(
-            model, params, tok, model_name=args.model, corpus=corpus, seqlen=args.seqlen,
-            limit=args.limit, protocol=args.protocol, eval_cfg=ecfg,
+            model,
+            params,
+            tok,
+            model_name=args.model,
+            corpus=corpus,
+            seqlen=args.seqlen,
+            limit=args.limit,
+            protocol=args.protocol,
+            eval_cfg=ecfg,
         )
         rows.append(row)
     for task in args.tasks:
-        rows += eval_zero_shot(model, params, tok, task, model_name=args.model,
-                               limit=args.task_limit, eval_cfg=ecfg)[1]
+        rows += eval_zero_shot(
+            model, params, tok, task, model_name=args.model, limit=args.task_limit, eval_cfg=ecfg
+        )[1]
     append_results(rows, json_path=args.out + ".json", markdown_path=args.out + ".md")
     print(MARKDOWN_HEADER + "".join(markdown_row(r) for r in rows), end="")
 

@@ -23,8 +23,14 @@ def main() -> None:
     t0 = time.perf_counter()
     model, params, tok = load(args.model)
     _, row = eval_perplexity(
-        model, params, tok, model_name=args.model, corpus="wikitext2", seqlen=args.seqlen,
-        limit=args.windows, eval_cfg=EvalConfig(progress=False),
+        model,
+        params,
+        tok,
+        model_name=args.model,
+        corpus="wikitext2",
+        seqlen=args.seqlen,
+        limit=args.windows,
+        eval_cfg=EvalConfig(progress=False),
     )
     append_results([row], json_path="results/main.json", markdown_path="results/main.md")
     print(f"WikiText-2 test (GPTQ protocol, seqlen {args.seqlen}, first {args.windows} windows):")

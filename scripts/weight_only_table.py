@@ -57,9 +57,18 @@ def main() -> None:
 
     def evaluate(p, method, bits, note):
         for corpus in args.corpora:
-            _, row = eval_perplexity(model, p, tok, model_name="smollm2", corpus=corpus,
-                                     seqlen=args.seqlen, limit=args.windows, method=method,
-                                     bits=bits, eval_cfg=ecfg)
+            _, row = eval_perplexity(
+                model,
+                p,
+                tok,
+                model_name="smollm2",
+                corpus=corpus,
+                seqlen=args.seqlen,
+                limit=args.windows,
+                method=method,
+                bits=bits,
+                eval_cfg=ecfg,
+            )
             row.notes.update(note)
             rows.append(row)
             print(markdown_row(row), end="", flush=True)
@@ -75,8 +84,16 @@ def main() -> None:
             q = m.quantize_model(params, model.cfg, calib, config_for(m, bits, group))
             minutes = (time.perf_counter() - t0) / 60
             label = f"W{bits}A16 g{group or 'ch'} ({q.bits_per_weight:.3f} bpw)"
-            evaluate(q.params, name, label, {"bpw": q.bits_per_weight, "quant_minutes": minutes,
-                                             "calib": f"{args.n_calib}x{args.calib_seqlen} C4"})
+            evaluate(
+                q.params,
+                name,
+                label,
+                {
+                    "bpw": q.bits_per_weight,
+                    "quant_minutes": minutes,
+                    "calib": f"{args.n_calib}x{args.calib_seqlen} C4",
+                },
+            )
     append_results(rows, json_path=args.out + ".json", markdown_path=args.out + ".md")
 
 

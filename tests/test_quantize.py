@@ -121,7 +121,9 @@ def test_zero_and_constant_groups(cfg):
         np.testing.assert_allclose(out[2, :8], -5.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("fmt", ["binary", "bipolar2", "bipolar3", "ternary", "nf4", "int4", "fp4_e2m1"])
+@pytest.mark.parametrize(
+    "fmt", ["binary", "bipolar2", "bipolar3", "ternary", "nf4", "int4", "fp4_e2m1"]
+)
 def test_zero_blocks_dequantize_to_exact_zeros_in_every_format(fmt):
     """Formats without a zero level (binary, bipolar) included: s = 0 for a zero block."""
     rng = "absmean" if fmt in ("binary", "ternary") else "minmax"

@@ -18,7 +18,9 @@ def test_outliers_are_exact_and_counted():
     ds = DenseSparse(dense, rows, cols, vals)
     out = ds.dequantize()
     assert float(out[3, 5]) == 40.0 and float(out[7, 60]) == -33.0
-    np.testing.assert_array_equal(np.asarray(out)[~np.asarray(mask)], np.asarray(dense.dequantize())[~np.asarray(mask)])
+    np.testing.assert_array_equal(
+        np.asarray(out)[~np.asarray(mask)], np.asarray(dense.dequantize())[~np.asarray(mask)]
+    )
     # hand count (symmetric: no zero points): 3-bit codes + fp16 scale / 32 + 32 per outlier
     assert weight_bits(ds) == pytest.approx(3 + 16 / 32 + 2 * 32 / W.size)
     assert weight_bits(dense) == pytest.approx(3 + 16 / 32)
