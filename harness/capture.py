@@ -143,8 +143,8 @@ def _shared_layer(model: Model, i: int) -> int:
 def _stats_step(
     model: Model, i: int, leaders: tuple[str, ...], accs: tuple[tuple[str, Accumulator], ...]
 ):
-    def step(states, block_params, h, positions):
-        _, ins = model.apply_block(block_params, i, h, positions, capture=True)
+    def step(states, block_params, h, positions, mix):
+        _, ins = model.apply_block(block_params, i, h, positions, capture=True, mix=mix)
         return {ld: {k: acc.update(states[ld][k], ins[ld]) for k, acc in accs} for ld in leaders}
 
     return jax.jit(step)
@@ -152,7 +152,17 @@ def _stats_step(
 
 @functools.lru_cache(maxsize=256)
 def _block_fn(model: Model, i: int):
-    return jax.jit(lambda bp, h, positions: model.apply_block(bp, i, h, positions))
+    return jax.jit(lambda bp, h, positions, mix: model.apply_block(bp, i, h, positions, mix=mix))
+
+
+@functools.lru_cache(maxsize=256)
+def _mix_fn(model: Model, i: int):
+    """The attention heads' output (o_proj's input) alone; XLA drops the MLP."""
+    return jax.jit(
+        lambda bp, h, positions: model.apply_block(bp, i, h, positions, capture=True)[1][
+            "attn.o_proj"
+        ]
+    )
 
 
 def _input_dims(cfg: ModelConfig) -> dict[str, int]:
@@ -160,6 +170,9 @@ def _input_dims(cfg: ModelConfig) -> dict[str, int]:
     dims = {n: cfg.d_model for n in BLOCK_LINEARS}
     dims.update({"attn.o_proj": d_attn, "mlp.down_proj": cfg.d_ff})
     return dims
+
+
+_QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -177,9 +190,11 @@ def block_stats(
     *,
     names: tuple[str, ...] | None = None,
     batch_size: int = 8,
+    mix: Float[Array, "n t e"] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Statistics of the inputs of block ``i``'s linears ``names`` (block-relative; default all),
-    streamed over micro-batches of ``batch_size`` sequences."""
+    streamed over micro-batches of ``batch_size`` sequences. ``mix``: cached attention output
+    (see :meth:`BlockCalibration.cache_attention`); q/k/v statistics are then unavailable."""
     names = BLOCK_LINEARS if names is None else tuple(names)
     unknown = set(names) - set(BLOCK_LINEARS)
     if unknown:
@@ -188,6 +203,11 @@ def block_stats(
         )
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if mix is not None and set(names) & set(_QKV):
+        raise ValueError(
+            f"the attention output is cached, so the inputs of {_QKV} are not recomputed; "
+            "capture them before cache_attention"
+        )
     groups = _leaders(model.cfg, names)
     if not groups:
         return {}
@@ -196,7 +216,9 @@ def block_stats(
     states = {ld: {k: acc.init(dims[ld]) for k, acc in accs} for ld in groups}
     step = _stats_step(model, _shared_layer(model, i), tuple(groups), accs)
     for sl in _batches(inputs.shape[0], batch_size):
-        states = step(states, block_params, inputs[sl], positions[sl])
+        states = step(
+            states, block_params, inputs[sl], positions[sl], None if mix is None else mix[sl]
+        )
     return {n: states[ld] for ld, members in groups.items() for n in members}
 
 
@@ -212,6 +234,7 @@ class BlockCalibration(Mapping):
     accumulators: Mapping[str, Accumulator]
     batch_size: int
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mix: Float[Array, "n t e"] | None = None  # cached attention output (cache_attention)
 
     def __getitem__(self, name: str) -> dict[str, Any]:
         try:
@@ -239,15 +262,35 @@ class BlockCalibration(Mapping):
             self.accumulators,
             names=names,
             batch_size=self.batch_size,
+            mix=self.mix,
         )
         self.stats.update(new)
         return new
 
+    def cache_attention(self, block_params: Any) -> None:
+        """Compute the attention heads' output (o_proj's input) once with ``block_params``'s
+        q/k/v and norms, and reuse it in every later :meth:`recapture` / :meth:`outputs`.
+
+        GPTQ's true-sequential order quantizes q/k/v first and never touches them again, so the
+        attention — the costly part of the block at long sequence lengths — need not be
+        recomputed for o_proj, gate/up, down and the block output (the reference recomputes the
+        whole block for each). Valid only while q/k/v and the attention norms stay as given.
+        """
+        f = _mix_fn(self.model, _shared_layer(self.model, self.layer))
+        self.mix = jnp.concatenate(
+            [
+                f(block_params, self.inputs[sl], self.positions[sl])
+                for sl in _batches(self.inputs.shape[0], self.batch_size)
+            ],
+            axis=0,
+        )
+
     def outputs(self, block_params: Any) -> Float[Array, "n t d"]:
         """Block outputs for all calibration inputs, with ``block_params``."""
         f = _block_fn(self.model, _shared_layer(self.model, self.layer))
+        mix = self.mix
         parts = [
-            f(block_params, self.inputs[sl], self.positions[sl])
+            f(block_params, self.inputs[sl], self.positions[sl], None if mix is None else mix[sl])
             for sl in _batches(self.inputs.shape[0], self.batch_size)
         ]
         return jnp.concatenate(parts, axis=0)

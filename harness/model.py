@@ -215,6 +215,13 @@ def get_param(tree: Any, name: str) -> Any:
     return node
 
 
+def _maybe(tree: Any, name: str) -> Any:
+    try:
+        return get_param(tree, name)
+    except KeyError:
+        return None
+
+
 def set_param(tree: Any, name: str, value: Any) -> Any:
     """A copy of ``tree`` with the leaf at ``name`` replaced (containers copied along the path)."""
     path = _path(name)
@@ -290,9 +297,15 @@ class _Seamed(nn.Module):
 
 class Attention(_Seamed):
     @nn.compact
-    def __call__(self, x: Float[Array, "b t d"], positions: Int[Array, "b t"]) -> Array:
+    def __call__(
+        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], mix: Array | None = None
+    ) -> Array:
+        """``mix``: the heads' attention output (o_proj's input) computed earlier with the same
+        q/k/v weights — then only o_proj runs (calibration reuses it; see ``apply_block``)."""
         c, hk = self.cfg, self.hooks
         B, T, _ = x.shape
+        if mix is not None:
+            return self._lin("o_proj", mix, c.d_model)
         q = self._lin("q_proj", x, c.n_heads * c.head_dim, bias=c.attn_bias)
         k = self._lin("k_proj", x, c.n_kv_heads * c.head_dim, bias=c.attn_bias)
         v = self._lin("v_proj", x, c.n_kv_heads * c.head_dim, bias=c.attn_bias)
@@ -328,10 +341,12 @@ class Block(_Seamed):
     ``h + post_norm(f(pre_norm(h)))``."""
 
     @nn.compact
-    def __call__(self, h: Float[Array, "b t d"], positions: Int[Array, "b t"]) -> Array:
+    def __call__(
+        self, h: Float[Array, "b t d"], positions: Int[Array, "b t"], mix: Array | None = None
+    ) -> Array:
         c = self.cfg
         a = Attention(c, self.layer, self.hooks, "attn.", name="attn")(
-            self._norm("attn_norm", h), positions
+            self._norm("attn_norm", h), positions, mix
         )
         if c.post_norms:
             a = self._norm("attn_post_norm", a)
@@ -383,16 +398,22 @@ class Model:
         positions: Array | None = None,
         *,
         capture: bool = False,
+        mix: Array | None = None,
     ):
         """Block ``i`` on ``h`` with its own params. With ``capture=True`` also returns the input
-        of every linear: ``{"attn.q_proj": x, ..., "mlp.down_proj": x}`` (before act_quant)."""
+        of every linear that ran: ``{"attn.q_proj": x, ..., "mlp.down_proj": x}`` (before
+        act_quant). ``mix`` ``[b, t, n_heads·head_dim]``: the attention heads' output (o_proj's
+        captured input) from an earlier call with the same q/k/v/norm weights; q/k/v and the
+        attention itself are then skipped (and not captured) — the block's result is unchanged."""
         positions = default_positions(h) if positions is None else positions
         mod = self.block_module(i)
         if not capture:
-            return mod.apply({"params": block_params}, h, positions)
-        out, state = mod.apply({"params": block_params}, h, positions, mutable=["linear_inputs"])
+            return mod.apply({"params": block_params}, h, positions, mix)
+        out, state = mod.apply(
+            {"params": block_params}, h, positions, mix, mutable=["linear_inputs"]
+        )
         ins = state["linear_inputs"]
-        return out, {n: get_param(ins, n)[0] for n in BLOCK_LINEARS}
+        return out, {n: v[0] for n in BLOCK_LINEARS if (v := _maybe(ins, n)) is not None}
 
     def block(self, params: Any, i: int, h: Array, positions: Array | None = None) -> Array:
         return self.apply_block(params["blocks"][i], i, h, positions)

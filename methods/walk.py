@@ -3,7 +3,11 @@
 ``quantize_sequential`` drives ``harness.capture.sequential``: calibration inputs go through one
 block at a time; inside a block the linears are quantized in GPTQ's "true sequential" order
 (q/k/v, then o, then gate/up, then down — each group's inputs re-captured after the previous
-groups were quantized), and the *quantized* block's outputs feed the next block. Each linear is
+groups were quantized), and the *quantized* block's outputs feed the next block. Only the first
+group's inputs are captured up front; once q/k/v are quantized the attention output is computed
+once and reused for the later groups and the block output (``BlockCalibration.cache_attention``):
+the same numbers as GPTQ's reference, which re-runs the whole block per group, with one attention
+pass per block instead of five. Each linear is
 handed to ``layer_fn(W, LayerStats, cfg, key=...)`` (a method's pure core) and its float
 weight leaf is replaced by the returned quantized leaf.
 
@@ -151,6 +155,8 @@ def quantize_sequential(
         first = len(report)
         for gi, group in enumerate(groups):
             if gi > 0 and accs:
+                if gi == 1:  # q/k/v are final: the attention output is too (see module doc)
+                    calib.cache_attention(bp)
                 calib.recapture(bp, group)
             for rel in group:
                 name = f"blocks.{i}.{rel}"
@@ -181,6 +187,7 @@ def quantize_sequential(
         calib_tokens,
         on_block,
         accumulators=accs or None,
+        names=groups[0] if accs else (),  # later groups are captured after the earlier ones
         batch_size=batch_size,
         progress=progress,
         done_blocks=done,

@@ -171,6 +171,44 @@ def test_recapture_after_changing_part_of_the_block():
     sequential(params, CFG, tokens, on_block, names=("attn.q_proj", "attn.o_proj"), batch_size=N)
 
 
+@pytest.mark.parametrize("cfg", [CFG, LLAMA], ids=["gemma3", "llama"])
+def test_cached_attention_equals_rerunning_the_block(cfg):
+    """After ``cache_attention`` (q/k/v final), changing o/gate/up/down and re-capturing gives
+    the statistics and outputs that re-running the whole block gives; q/k/v can't be
+    re-captured any more."""
+    params, tokens = init_params(cfg, 4), calib_tokens(cfg, 4)
+    model = Model(cfg)
+    seen = []
+
+    def on_block(i, bp, calib):
+        calib.cache_attention(bp)
+        changed = bp
+        for n in ("attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+            changed = set_param(changed, n, get_param(changed, n) * 1.5)
+        names = ("attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        cached = calib.recapture(changed, names)
+        plain = BlockCalibration(model, i, calib.inputs, calib.positions, ACCS, batch_size=2)
+        fresh = plain.recapture(changed, names)
+        for n in names:
+            for k in ACCS:
+                a, b = jax.tree.leaves(cached[n][k]), jax.tree.leaves(fresh[n][k])
+                for x, y in zip(a, b, strict=True):
+                    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(calib.outputs(changed)),
+            np.asarray(plain.outputs(changed)),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        with pytest.raises(ValueError, match="cached"):
+            calib.recapture(changed, ("attn.k_proj",))
+        seen.append(i)
+        return changed
+
+    sequential(params, cfg, tokens, on_block, accumulators=ACCS, batch_size=3)
+    assert seen == [0, 1]
+
+
 def test_bad_arguments():
     params = init_params(CFG, 0)
     ident = lambda i, bp, c: bp
