@@ -1,100 +1,72 @@
 """Weight-only PTQ table on SmolLM2-135M: bits per weight, perplexity and minutes to quantize.
 
-Calibrates on seeded C4 segments, quantizes with each method at each setting, evaluates
-WikiText-2 test (and optionally the C4 sample) with the GPTQ protocol, and appends rows to
-results/weight_only.{json,md}. Defaults are a REDUCED size (few calibration samples, few
-windows) so it runs on a 2-core CPU; `--full` uses the papers' 128 × 2048 calibration and all
-windows (hours on a CPU).
+Calibrates on seeded C4 segments, quantizes with each method at each setting (paper-default
+configs, ``methods.compare``), evaluates with the GPTQ protocol, appends every row to
+``--out``.{json,md} as soon as it exists, and prints the pivoted table at the end. Defaults are
+the REDUCED size the cards quote (16 × 512 calibration tokens, first 16 windows of 512);
+``--full`` uses the papers' 128 × 2048 calibration and every window of 2048 (many hours here).
 
     .venv/bin/python scripts/weight_only_table.py --methods rtn gptq --settings W3g64 W2g64
+    .venv/bin/python scripts/weight_only_table.py --methods omniquant --set omniquant.epochs=5
 """
 
 import argparse
-import re
-import time
+import json
 
-from harness.calibration import c4_calibration
-from harness.evaluate import EvalConfig
-from harness.pipeline import eval_perplexity, load
+from harness.pipeline import load
 from harness.results import MARKDOWN_HEADER, append_results, markdown_row
-from methods import get_method
+from methods import REGISTRY
+from methods.compare import CompareConfig, pivot, run
 
 
-def parse_setting(s: str) -> tuple[int, int | None]:
-    m = re.fullmatch(r"W(\d)g(\d+|ch)", s)
-    if not m:
-        raise ValueError(f"setting {s!r} must look like W3g64 or W4gch (per channel)")
-    return int(m.group(1)), None if m.group(2) == "ch" else int(m.group(2))
-
-
-def config_for(method, bits: int, group: int | None):
-    cls = method.config
-    if hasattr(cls, "for_format"):
-        return cls.for_format(bits, group)
-    return cls(bits=bits, group_size=group)
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``["omniquant.epochs=5"]`` → ``{"omniquant": {"epochs": 5}}`` (values parsed as JSON)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, field = key.partition(".")
+        if not (sep and dot and method and field):
+            raise SystemExit(f"--set {item!r}: expected METHOD.FIELD=VALUE")
+        try:
+            v = json.loads(value)
+        except json.JSONDecodeError:
+            v = value
+        out.setdefault(method, {})[field] = v
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=sorted(REGISTRY))
     ap.add_argument("--settings", nargs="+", default=["W3g64"])
-    ap.add_argument("--n-calib", type=int, default=8)
-    ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--n-calib", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--corpora", nargs="+", default=["wikitext2"])
     ap.add_argument("--full", action="store_true", help="128 x 2048 calibration, all windows")
     ap.add_argument("--fp", action="store_true", help="also evaluate the unquantized model")
+    ap.add_argument("--set", nargs="*", default=[], metavar="METHOD.FIELD=VALUE")
     ap.add_argument("--out", default="results/weight_only")
     args = ap.parse_args()
     if args.full:
         args.n_calib, args.calib_seqlen, args.seqlen, args.windows = 128, 2048, 2048, None
-
+    cmp = CompareConfig(
+        n_calib=args.n_calib, calib_seqlen=args.calib_seqlen, seqlen=args.seqlen,
+        windows=args.windows, corpora=tuple(args.corpora),
+    )  # fmt: skip
     model, params, tok = load("smollm2")
-    calib = c4_calibration(tok, n_samples=args.n_calib, seqlen=args.calib_seqlen, seed=0)
-    ecfg = EvalConfig(progress=False)
-    rows = []
 
-    def evaluate(p, method, bits, note):
-        for corpus in args.corpora:
-            _, row = eval_perplexity(
-                model,
-                p,
-                tok,
-                model_name="smollm2",
-                corpus=corpus,
-                seqlen=args.seqlen,
-                limit=args.windows,
-                method=method,
-                bits=bits,
-                eval_cfg=ecfg,
-            )
-            row.notes.update(note)
-            rows.append(row)
-            print(markdown_row(row), end="", flush=True)
+    def on_row(row):
+        append_results([row], json_path=args.out + ".json", markdown_path=args.out + ".md")
+        print(markdown_row(row), end="", flush=True)
 
     print(MARKDOWN_HEADER, end="")
-    if args.fp:
-        evaluate(params, "fp", "W16A16 (Q4_1 GGUF)", {})
-    for setting in args.settings:
-        bits, group = parse_setting(setting)
-        for name in args.methods:
-            m = get_method(name)
-            t0 = time.perf_counter()
-            q = m.quantize_model(params, model.cfg, calib, config_for(m, bits, group))
-            minutes = (time.perf_counter() - t0) / 60
-            label = f"W{bits}A16 g{group or 'ch'} ({q.bits_per_weight:.3f} bpw)"
-            evaluate(
-                q.params,
-                name,
-                label,
-                {
-                    "bpw": q.bits_per_weight,
-                    "quant_minutes": minutes,
-                    "calib": f"{args.n_calib}x{args.calib_seqlen} C4",
-                },
-            )
-    append_results(rows, json_path=args.out + ".json", markdown_path=args.out + ".md")
+    rows = run(
+        model, params, tok, model_name="smollm2", methods=args.methods, settings=args.settings,
+        cmp=cmp, fp=args.fp, overrides=parse_overrides(args.set), on_row=on_row,
+    )  # fmt: skip
+    print("\n" + pivot(rows), end="")
 
 
 if __name__ == "__main__":

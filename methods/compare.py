@@ -1,0 +1,156 @@
+"""Compare weight-only methods on one model: calibrate, quantize, evaluate, tabulate.
+
+The engine behind the weight-only reproductions (``scripts/weight_only_table.py``, the README's
+main job ``scripts/main.py`` and ``notebooks/weight_only.py``): every method runs with its
+paper-default config at a setting such as ``W3g64`` (3-bit weights, groups of 64 input
+channels), on the same seeded C4 calibration segments, and is evaluated with the GPTQ
+perplexity protocol on the same windows. Each evaluation is one :class:`~harness.results.ResultRow`
+whose ``notes`` carry the bits per weight (codes + scales + zeros + outliers) and the minutes
+the quantization took; :func:`pivot` turns the rows into the table the cards quote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from harness.calibration import c4_calibration
+from harness.evaluate import EvalConfig
+from harness.model import Model
+from harness.pipeline import eval_perplexity
+from harness.results import ResultRow
+from harness.tokenizer import Tokenizer
+from methods.base import Method, get_method
+
+FP_SETTING = "fp"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompareConfig:
+    """Calibration and evaluation sizes shared by every method of one table."""
+
+    n_calib: int = 16  # calibration segments drawn from the C4 sample (papers: 128)
+    calib_seqlen: int = 512  # tokens per segment (papers: 2048)
+    seqlen: int = 512  # evaluation window (GPTQ protocol; papers: 2048)
+    windows: int | None = 16  # first windows of each corpus; None: all
+    corpora: tuple[str, ...] = ("wikitext2",)  # evaluation texts (wikitext2, ptb, c4)
+    seed: int = 0  # calibration draw
+
+    def __post_init__(self) -> None:
+        for f in ("n_calib", "calib_seqlen", "seqlen"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
+        if self.windows is not None and self.windows <= 0:
+            raise ValueError(f"windows must be positive or None, got {self.windows}")
+        if not self.corpora:
+            raise ValueError("corpora must name at least one evaluation text")
+
+
+def parse_setting(s: str) -> tuple[int, int | None]:
+    """``"W3g64"`` → ``(3, 64)``; ``"W4gch"`` → ``(4, None)`` (one scale per output channel)."""
+    m = re.fullmatch(r"W(\d)g(\d+|ch)", s)
+    if not m:
+        raise ValueError(f"setting {s!r} must look like W3g64 or W4gch (per output channel)")
+    return int(m.group(1)), None if m.group(2) == "ch" else int(m.group(2))
+
+
+def config_for(method: Method, bits: int, group: int | None, **overrides: Any) -> Any:
+    """``method``'s paper-default config at ``bits`` (and ``group`` where the method has groups:
+    SpQR keeps its own β₁ = 16 groups, SqueezeLLM its per-channel levels — the bits-per-weight
+    column says what each costs). ``overrides`` replace further fields (e.g. ``epochs``)."""
+    cls = method.config
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"{method.name} has no config field(s) {sorted(unknown)}; has {fields}")
+    if hasattr(cls, "for_format"):
+        return cls.for_format(bits, group, **overrides)
+    kw = {"bits": bits} | ({"group_size": group} if "group_size" in fields else {})
+    return cls(**kw, **overrides)
+
+
+def _label(bits: int, group: int | None, cfg: Any, bpw: float) -> str:
+    grouping = f"g{group or 'ch'}" if hasattr(cfg, "group_size") else "own groups"
+    return f"W{bits}A16 {grouping} ({bpw:.3f} bpw)"
+
+
+def run(
+    model: Model,
+    params: Any,
+    tok: Tokenizer,
+    *,
+    model_name: str,
+    methods: Sequence[str],
+    settings: Sequence[str],
+    cmp: CompareConfig = CompareConfig(),
+    fp: bool = True,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    on_row: Callable[[ResultRow], None] | None = None,
+    data_dir: Any = None,
+) -> list[ResultRow]:
+    """Quantize ``params`` with each method at each setting and evaluate it (plus the
+    unquantized model when ``fp``). ``overrides``: per-method config fields (``{"omniquant":
+    {"epochs": 5}}``). ``on_row`` sees every row as soon as it exists (print / save it)."""
+    overrides = dict(overrides or {})
+    for name in methods:
+        get_method(name)  # unknown names fail before any work
+    parsed = [(s, *parse_setting(s)) for s in settings]
+    calib = c4_calibration(
+        tok, n_samples=cmp.n_calib, seqlen=cmp.calib_seqlen, seed=cmp.seed, data_dir=data_dir
+    )
+    ecfg = EvalConfig(progress=False)
+    rows: list[ResultRow] = []
+
+    def evaluate(p: Any, method: str, bits: str, notes: dict[str, Any]) -> None:
+        for corpus in cmp.corpora:
+            _, row = eval_perplexity(
+                model, p, tok, model_name=model_name, corpus=corpus, seqlen=cmp.seqlen,
+                limit=cmp.windows, method=method, bits=bits, data_dir=data_dir, eval_cfg=ecfg,
+            )  # fmt: skip
+            row = dataclasses.replace(row, notes={**row.notes, **notes})
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+
+    if fp:
+        evaluate(params, "fp", "W16A16", {"setting": FP_SETTING})
+    calib_note = f"{cmp.n_calib}x{cmp.calib_seqlen} C4 (seed {cmp.seed})"
+    for setting, bits, group in parsed:
+        for name in methods:
+            m = get_method(name)
+            q_cfg = config_for(m, bits, group, **overrides.get(name, {}))
+            t0 = time.perf_counter()
+            q = m.quantize_model(params, model.cfg, calib, q_cfg)
+            minutes = (time.perf_counter() - t0) / 60
+            notes = {
+                "setting": setting,
+                "bpw": q.bits_per_weight,
+                "quant_minutes": minutes,
+                "calib": calib_note,
+                "config": repr(q_cfg),
+            }
+            evaluate(q.params, name, _label(bits, group, q_cfg, q.bits_per_weight), notes)
+    return rows
+
+
+def pivot(rows: Sequence[ResultRow]) -> str:
+    """Markdown table, one line per (setting, method): bits per weight, perplexity on each
+    corpus, minutes to quantize."""
+    corpora = list(dict.fromkeys(r.dataset for r in rows))
+    lines: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        key = (r.notes.get("setting", r.bits), r.method)
+        first = {"bpw": r.notes.get("bpw"), "min": r.notes.get("quant_minutes")}
+        line = lines.setdefault(key, first)
+        line[r.dataset] = r.value
+    head = ["setting", "method", "bits/weight", *(f"{c} ppl" for c in corpora), "minutes"]
+    out = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for (setting, method), line in lines.items():
+        bpw = "16" if line["bpw"] is None else f"{line['bpw']:.3f}"
+        ppl = [f"{line[c]:.2f}" if c in line else "" for c in corpora]
+        mins = "" if line["min"] is None else f"{line['min']:.1f}"
+        out.append("| " + " | ".join([setting, method, bpw, *ppl, mins]) + " |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,71 @@
+"""methods.compare: settings parse, every registered method gets its paper-default config at a
+setting, bad settings/overrides are rejected, and the pivot table has one line per method."""
+
+import dataclasses
+
+import pytest
+
+from harness.results import ResultRow
+from methods import REGISTRY, get_method
+from methods.compare import CompareConfig, config_for, parse_setting, pivot
+
+
+def test_parse_setting():
+    assert parse_setting("W3g64") == (3, 64)
+    assert parse_setting("W2g128") == (2, 128)
+    assert parse_setting("W4gch") == (4, None)
+    for bad in ("W3", "3g64", "W3g", "w3g64", "W10g64"):
+        with pytest.raises(ValueError, match="must look like"):
+            parse_setting(bad)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_config_for_every_method(name):
+    m = get_method(name)
+    cfg = config_for(m, 3, 64)
+    assert isinstance(cfg, m.config) and cfg.bits == 3
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if "group_size" in fields:
+        assert cfg.group_size == 64
+    # everything but bits / group_size stays at the paper default
+    default = m.config()
+    for f in fields - {"bits", "group_size"}:
+        assert getattr(cfg, f) == getattr(default, f), f
+    with pytest.raises(ValueError, match="no config field"):
+        config_for(m, 3, 64, not_a_field=1)
+
+
+def test_config_for_overrides():
+    cfg = config_for(get_method("omniquant"), 2, 64, epochs=3)
+    assert (cfg.bits, cfg.group_size, cfg.epochs) == (2, 64, 3)
+
+
+def test_compare_config_rejects_bad_sizes():
+    bad = ({"n_calib": 0}, {"calib_seqlen": -1}, {"seqlen": 0}, {"windows": 0}, {"corpora": ()})
+    for kw in bad:
+        with pytest.raises(ValueError):
+            CompareConfig(**kw)
+
+
+def _row(method, setting, dataset, value, bpw=None, minutes=None):
+    notes = {"setting": setting}
+    if bpw is not None:
+        notes |= {"bpw": bpw, "quant_minutes": minutes}
+    return ResultRow(model="m", method=method, bits="b", dataset=dataset, metric="ppl",
+                     value=value, tokens=10, seconds=1.0, notes=notes)  # fmt: skip
+
+
+def test_pivot():
+    rows = [
+        _row("fp", "fp", "wikitext2", 20.0),
+        _row("fp", "fp", "c4", 30.0),
+        _row("rtn", "W3g64", "wikitext2", 100.0, 3.297, 0.5),
+        _row("rtn", "W3g64", "c4", 120.0, 3.297, 0.5),
+        _row("gptq", "W3g64", "wikitext2", 50.0, 3.297, 2.25),
+    ]
+    lines = pivot(rows).splitlines()
+    assert lines[0] == "| setting | method | bits/weight | wikitext2 ppl | c4 ppl | minutes |"
+    assert lines[2] == "| fp | fp | 16 | 20.00 | 30.00 |  |"
+    assert lines[3] == "| W3g64 | rtn | 3.297 | 100.00 | 120.00 | 0.5 |"
+    assert lines[4] == "| W3g64 | gptq | 3.297 | 50.00 |  | 2.2 |"
+    assert len(lines) == 5
