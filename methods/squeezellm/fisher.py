@@ -63,19 +63,20 @@ def fisher_information(
             )
         lin[name] = jnp.asarray(w, jnp.float32)
 
-    def loss(lin_w, seq):
-        p = params
+    def loss(lin_w, p, seq):
         for name, w in lin_w.items():
             p = set_param(p, name, w)
         return sequence_loss(p, model_cfg, seq)
 
     @jax.jit
-    def accumulate(acc, lin_w, seqs):
-        g = jax.vmap(jax.grad(loss), in_axes=(None, 0))(lin_w, seqs)
+    def accumulate(acc, lin_w, p, seqs):
+        # the other params are an argument, not a closure: as constants XLA would fold them
+        # (the embedding) into the program, at a great cost in compile time
+        g = jax.vmap(jax.grad(loss), in_axes=(None, None, 0))(lin_w, p, seqs)
         return jax.tree.map(lambda a, gi: a + jnp.sum(jnp.square(gi), axis=0), acc, g)
 
     acc = jax.tree.map(jnp.zeros_like, lin)
     N = tokens.shape[0]
     for s in range(0, N, batch_size):
-        acc = accumulate(acc, lin, tokens[s : s + batch_size])
+        acc = accumulate(acc, lin, params, tokens[s : s + batch_size])
     return {name: acc[name] / np.float32(N) for name in names}
