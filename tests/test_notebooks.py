@@ -61,7 +61,15 @@ def check_qlora_datatypes(g: dict) -> None:
     for f in ("FP4 E2M1 (OCP)", "FP4 E2M1 (bnb table)", "FP4 E3M0", "INT4 sym (absmax)"):
         assert nf4 > rows[(f, False)]["SQNR dB"], f  # NF4 beats every symmetric 4-bit type
     assert rows[("k-means 16 levels (reference)", False)]["SQNR dB"] >= nf4
-    assert g["SMOLLM2_TABLE"] is None  # placeholder for real weights, never filled with fakes
+    smol = {(r["format"], r["DQ"]): r for r in g["SMOLLM2_TABLE"]}
+    assert set(smol) == set(rows) - {("k-means 16 levels (reference)", False)}
+    for f in formats:
+        plain, dq = smol[(f, False)], smol[(f, True)]
+        # on real SmolLM2 matrices too (DQ pads each matrix's scales to whole blocks of 256)
+        assert 0.36 < plain["bits/weight"] - dq["bits/weight"] < 0.38
+        assert 0 <= plain["SmolLM2 SQNR dB"] - dq["SmolLM2 SQNR dB"] < 0.1
+        assert math.isfinite(plain["SmolLM2 SQNR dB"]) and plain["SmolLM2 min dB"] > 0
+    assert g["SMOL_ORDER"][-1] == "FP4 E3M0"  # real blocks rank E3M0 last, as Gaussian ones
     paper = {r["paper row"]: r["paper mean PPL"] for r in g["RANKING"]}
     table2 = {"Int4": 34.34, "Float4 (E2M1)": 31.07, "Float4 (E3M0)": 29.48, "NFloat4 + DQ": 27.41}
     assert paper == table2
@@ -113,11 +121,80 @@ def check_scaling_laws(g: dict) -> None:
     assert np.all(np.diff([r["best E"] + r["best M"] for r in g["SPLITS"]]) == 1)
 
 
+def check_weight_only(g: dict) -> None:
+    """Every method ran at every setting; bits per weight are what the formats cost. (The small
+    run uses a 2-block cut of SmolLM2, so its perplexities are not compared with anything.)"""
+    got = {(r.notes["setting"], r.method) for r in g["ROWS"]}
+    assert got == {("fp", "fp")} | {(s, m) for s in g["SETTINGS"] for m in g["METHODS"]}
+    for r in g["ROWS"]:
+        assert math.isfinite(r.value) and r.value > 1
+        if r.method == "fp":
+            continue
+        bpw = r.notes["bpw"]
+        if r.method in ("rtn", "gptq", "awq", "omniquant"):  # 3-bit codes, per 64: fp16 scale
+            assert bpw == pytest.approx(3 + (16 + 3) / 64, abs=1e-9), (r.method, bpw)  # + zero
+        else:  # SpQR / SqueezeLLM: codes + their own statistics and outliers
+            assert 3 < bpw < 5, (r.method, bpw)
+    assert "| W3g64 | gptq |" in g["TABLE"]
+
+
+def check_fp_vs_int(g: dict) -> None:
+    assert g["Q41_MAX_DISTINCT"] <= 16  # the GGUF's Q4_1 grid: 16 levels per group of 32
+    for r in g["W_ROWS"]:
+        # E4M3 has 3 mantissa bits: |error| <= 2^-4 |w| in its normal range, so a per-tensor
+        # SQNR can't fall below 10·log10(2^8); its relative error doesn't depend on the scale,
+        # so per-tensor and per-channel scaling differ only through the top binade / subnormals.
+        assert r["FP8 E4M3 | tensor"] >= 10 * math.log10(2**8)
+        assert abs(r["FP8 E4M3 | tensor"] - r["FP8 E4M3 | channel"]) < 1.0
+    for rows in (g["W_ROWS"], g["A_ROWS"]):
+        for r in rows:
+            for gran in {k.split(" | ")[1] for k in r if " | " in k}:
+                assert r[f"INT8 sym | {gran}"] > r[f"INT4 sym | {gran}"]
+                assert r[f"FP8 E4M3 | {gran}"] > r[f"FP4 E2M1 | {gran}"]
+    # The search space holds the fixed format at clipping ratio 1: never worse (float32 sums).
+    assert g["SEARCH_MIN_GAIN"] > -1e-4
+    for bits in (4, 8):
+        for res in (g["SEARCH_W"][bits], g["SEARCH_A"][bits]):
+            assert all(r["best"] in g["SPACES"][bits] for r in res.values())
+    # Data property of SmolLM2's last block: its down_proj input has massive channels, which
+    # set a per-tensor INT8 step far too coarse for the rest; E4M3's range absorbs them.
+    a29 = next(r for r in g["A_ROWS"] if r["tensor"] == "blocks.29.down_in")
+    assert a29["FP8 E4M3 | tensor"] > a29["INT8 sym | tensor"]
+
+
+def check_block_formats(g: dict) -> None:
+    assert g["MXINT8_IS_BFP16"]
+    for (name, b), bpw in g["BPW"].items():
+        cfg = g["FORMATS"][name][1](b)
+        scale_bits = 8 if cfg.scale_kind == "pow2" else 16  # E8M0 or float16 per block
+        assert bpw == pytest.approx(cfg.fmt.bits + scale_bits / b)
+    w = {r["format"]: r for r in g["W_TABLE"]}
+    for name in ("BFP12 (INT4 mant.)", "BFP14 (INT6 mant.)", "MXINT8 (= BFP16)"):
+        # integer mantissas: a smaller block's shared exponent is never larger
+        assert w[name]["SQNR b=16"] > w[name]["SQNR b=32"] > w[name]["SQNR b=64"]
+    clip = {r["format"]: r for r in g["CLIP"]}
+    for r in clip.values():  # more blocks, more block maxima above the element's largest value
+        assert r["clamped b=16"] >= r["clamped b=64"]
+    assert g["ATTN_REL_ERR"] < 1e-5  # recomputed post-RoPE q, k reproduce the model's attention
+    assert g["PERM_RATIO"] <= 1.0  # q[π]·k[π] = q·k within the float32 reordering bound
+    assert g["B64_MAX_DIFF"] == 0.0  # one block per head: sorting within it changes nothing
+    K = g["K_SQNR"]
+    for name in g["K_FORMATS"]:
+        for s in g["SORTS"]:
+            np.testing.assert_allclose(K[(name, 64, s)], K[(name, 64, "none")], atol=1e-4)
+    for b in (16, 32):  # K-sort by calibration RMS lowers the BFP12 key-cache error
+        assert (
+            K[("BFP12 (INT4 mant.)", b, "calib. RMS")].mean()
+            > K[("BFP12 (INT4 mant.)", b, "none")].mean()
+        )
+
+
 CHECKS = {
     "qlora_datatypes": check_qlora_datatypes,
     "bipolar_int": check_bipolar_int,
     "bitmod": check_bitmod,
     "scaling_laws": check_scaling_laws,
+    "weight_only": check_weight_only,
 }
 
 
