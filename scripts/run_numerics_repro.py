@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("qlora_datatypes", "bipolar_int", "bitmod", "scaling_laws")
+NOTEBOOKS = (
+    "qlora_datatypes",
+    "bipolar_int",
+    "bitmod",
+    "scaling_laws",
+    "fp_vs_int",
+    "block_formats",
+)
 
 
 def main() -> None:

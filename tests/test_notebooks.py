@@ -195,6 +195,8 @@ CHECKS = {
     "bitmod": check_bitmod,
     "scaling_laws": check_scaling_laws,
     "weight_only": check_weight_only,
+    "fp_vs_int": check_fp_vs_int,
+    "block_formats": check_block_formats,
 }
 
 
