@@ -30,9 +30,7 @@
 # The speed claims (GPU kernels) are out of scope here.
 
 # %%
-import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +39,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from _common import SMALL, savefig
 
 from numerics.analysis import (
     bipolar_dot_bitplanes,
@@ -56,24 +55,11 @@ from numerics.packing import bits_per_weight
 from numerics.quantize import fake_quant, quantize
 from numerics.zoo import markdown
 
-SMALL = os.environ.get("LOWBIT_SMALL", "1") == "1"
-try:
-    ROOT = Path(__file__).resolve().parents[1]
-except NameError:  # running inside Jupyter, whose working directory is notebooks/
-    ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-FIG_DIR = ROOT / "notebooks" / "figures"
 DOT_SHAPE = (16, 1000, 16) if SMALL else (64, 4096, 64)  # m, n, p of the exactness check
 TRIALS = 1 if SMALL else 8
 ERR_SHAPE = (128, 1024) if SMALL else (4096, 4096)  # weights [out, in]
 TOKENS = 32 if SMALL else 1024
 GROUP = 128
-
-
-def savefig(fig, name):
-    if not SMALL:
-        FIG_DIR.mkdir(parents=True, exist_ok=True)
-        fig.savefig(FIG_DIR / f"{name}.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
 
 
 print(f"SMALL={SMALL}")

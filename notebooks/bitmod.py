@@ -36,8 +36,6 @@
 # each type is chosen; and a sweep of the FP3 EA special value.
 
 # %%
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +44,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from _common import SMALL, savefig
 
 from numerics.analysis import (
     BITMOD_CANDIDATES,
@@ -59,22 +58,9 @@ from numerics.packing import bits_per_weight
 from numerics.quantize import fake_quant, quantize
 from numerics.zoo import markdown
 
-SMALL = os.environ.get("LOWBIT_SMALL", "1") == "1"
-try:
-    ROOT = Path(__file__).resolve().parents[1]
-except NameError:  # running inside Jupyter, whose working directory is notebooks/
-    ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-FIG_DIR = ROOT / "notebooks" / "figures"
 SHAPE = (64, 2048) if SMALL else (2048, 4096)
 GROUP = 128
 SPECIALS = (5.0, 6.0, 8.0) if SMALL else (5.0, 6.0, 7.0, 8.0, 9.0)
-
-
-def savefig(fig, name):
-    if not SMALL:
-        FIG_DIR.mkdir(parents=True, exist_ok=True)
-        fig.savefig(FIG_DIR / f"{name}.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
 
 
 k1, k2 = jax.random.split(jax.random.key(0))

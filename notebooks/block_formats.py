@@ -46,9 +46,7 @@
 # Set `LOWBIT_SMALL=0` for the full-size run (figures go to `notebooks/figures/`).
 
 # %%
-import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +55,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from _common import SMALL, savefig
 
 from harness.calibration import c4_calibration
 from harness.layers import apply_rope, causal_attention
@@ -67,24 +66,11 @@ from numerics.packing import bits_per_weight
 from numerics.quantize import fake_quant, quant_error, quantize
 from numerics.zoo import markdown
 
-SMALL = os.environ.get("LOWBIT_SMALL", "1") == "1"
-try:
-    ROOT = Path(__file__).resolve().parents[1]
-except NameError:  # running inside Jupyter, whose working directory is notebooks/
-    ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-FIG_DIR = ROOT / "notebooks" / "figures"
 BLOCKS = (16, 32, 64)
 W_LAYERS = (29,) if SMALL else tuple(range(30))  # blocks whose weights are measured
 W_KINDS = ("down_proj",) if SMALL else None  # None: all seven linears of a block
 N_CAL, N_EVAL, SEQLEN = (2, 2, 64) if SMALL else (8, 4, 512)  # C4 segments (seed 0 / seed 1)
 T0 = time.perf_counter()
-
-
-def savefig(fig, name):
-    if not SMALL:
-        FIG_DIR.mkdir(parents=True, exist_ok=True)
-        fig.savefig(FIG_DIR / f"{name}.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
 
 
 model, params, tok = load("smollm2")

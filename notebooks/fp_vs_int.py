@@ -56,10 +56,8 @@
 # Set `LOWBIT_SMALL=0` for the full-size run (figures go to `notebooks/figures/`).
 
 # %%
-import os
 import time
 from collections import Counter
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +66,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from _common import SMALL, savefig
 
 from harness.calibration import c4_calibration
 from harness.model import default_positions, get_param, linear_names
@@ -77,12 +76,6 @@ from numerics.formats import IntFormat, get_format
 from numerics.quantize import quant_error
 from numerics.zoo import markdown
 
-SMALL = os.environ.get("LOWBIT_SMALL", "1") == "1"
-try:
-    ROOT = Path(__file__).resolve().parents[1]
-except NameError:  # running inside Jupyter, whose working directory is notebooks/
-    ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-FIG_DIR = ROOT / "notebooks" / "figures"
 GROUP = 64  # divides 576 and 1536; 128 does not divide 576
 W_LAYERS = (29,) if SMALL else tuple(range(30))  # blocks whose weights are measured
 W_KINDS = ("q_proj", "down_proj") if SMALL else None  # None: all seven linears of a block
@@ -91,13 +84,6 @@ A_LAYERS = (29,) if SMALL else (0, 7, 14, 21, 29)  # blocks whose linear inputs 
 # shapes (576 x 576, 576 x 1536) and the small run compiles each quantizer only once
 N_SEG, SEQLEN = (9, 64) if SMALL else (8, 512)
 T0 = time.perf_counter()
-
-
-def savefig(fig, name):
-    if not SMALL:
-        FIG_DIR.mkdir(parents=True, exist_ok=True)
-        fig.savefig(FIG_DIR / f"{name}.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
 
 
 model, params, tok = load("smollm2")

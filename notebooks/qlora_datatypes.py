@@ -31,8 +31,6 @@
 
 # %%
 import json
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +39,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from _common import ROOT, SMALL, savefig
 
 from harness.model import get_param, linear_names
 from harness.pipeline import load
@@ -53,22 +52,9 @@ from numerics.quantize import quantize
 from numerics.scales import double_quantize
 from numerics.zoo import markdown
 
-SMALL = os.environ.get("LOWBIT_SMALL", "1") == "1"
-try:
-    ROOT = Path(__file__).resolve().parents[1]
-except NameError:  # running inside Jupyter, whose working directory is notebooks/
-    ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-FIG_DIR = ROOT / "notebooks" / "figures"
 SHAPE = (128, 2048) if SMALL else (4096, 4096)  # Gaussian matrix; rows of 64-blocks
 NUS = (2.5, 3.0, 5.0, 30.0) if SMALL else (2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 30.0)
 BLOCK = 64
-
-
-def savefig(fig, name):
-    if not SMALL:
-        FIG_DIR.mkdir(parents=True, exist_ok=True)
-        fig.savefig(FIG_DIR / f"{name}.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
 
 
 print(f"SMALL={SMALL}  Gaussian shape={SHAPE}  block={BLOCK}")

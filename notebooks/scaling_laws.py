@@ -40,14 +40,13 @@
 
 # %%
 import json
-import os
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from _common import ROOT, SMALL, savefig
 
 from numerics import scaling_laws as S
 from numerics.analysis import (
@@ -58,12 +57,6 @@ from numerics.analysis import (
 )
 from numerics.zoo import markdown
 
-SMALL = os.environ.get("LOWBIT_SMALL", "1") == "1"
-try:
-    ROOT = Path(__file__).resolve().parents[1]
-except NameError:  # running inside Jupyter, whose working directory is notebooks/
-    ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-FIG_DIR = ROOT / "notebooks" / "figures"
 N_STARTS = 4 if SMALL else 16
 N_BOOT = 0 if SMALL else 200
 NOISE_SEEDS = (0,) if SMALL else (0, 1, 2, 3, 4)
@@ -73,13 +66,6 @@ NOISE = 0.01  # multiplicative noise of the synthetic recovery experiment (1% of
 def g4(rows):
     """Rows with floats written to 4 significant digits (for tables spanning many scales)."""
     return [{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-
-
-def savefig(fig, name):
-    if not SMALL:
-        FIG_DIR.mkdir(parents=True, exist_ok=True)
-        fig.savefig(FIG_DIR / f"{name}.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
 
 
 QID_DATA = json.loads((ROOT / "papers/data/qid_table1_tokens.json").read_text())

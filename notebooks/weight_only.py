@@ -36,21 +36,17 @@
 
 # %%
 import dataclasses
-import os
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from _common import SMALL, savefig
 
 from harness.model import Model
 from harness.pipeline import load
 from methods.compare import CompareConfig, pivot, run
 
-SMALL = os.environ.get("LOWBIT_SMALL", "1") == "1"
-ROOT = Path.cwd() if (Path.cwd() / "notebooks").is_dir() else Path.cwd().parent
-FIG_DIR = ROOT / "notebooks" / "figures"
 METHODS = ["rtn", "gptq", "awq", "omniquant", "squeezellm", "spqr"]
 if SMALL:
     SETTINGS = ["W3g64"]
@@ -64,13 +60,6 @@ else:
     SETTINGS = ["W3g64", "W2g64"]
     CMP = CompareConfig(corpora=("wikitext2", "c4"))
     OVERRIDES = {}
-
-
-def savefig(fig, name):
-    if not SMALL:
-        FIG_DIR.mkdir(parents=True, exist_ok=True)
-        fig.savefig(FIG_DIR / f"{name}.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
 
 
 print(f"SMALL={SMALL}  {CMP}")

@@ -11,6 +11,7 @@ a notebook without one is still executed and must define ``SMALL = True``.
 import math
 import os
 import runpy
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -35,9 +36,11 @@ def _run(path: Path) -> dict:
     os.environ["LOWBIT_SMALL"] = "1"
     os.environ["MPLBACKEND"] = "Agg"
     matplotlib.use("Agg")
+    sys.path.insert(0, str(path.parent))  # the notebooks' shared `_common`, as in Jupyter
     try:
         return runpy.run_path(str(path), run_name="__main__")
     finally:
+        sys.path.remove(str(path.parent))
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -1,0 +1,28 @@
+"""What every notebook shares: the size switch, the figure folder, and saving a figure.
+
+``LOWBIT_SMALL=1`` (the default; CI's setting) runs a notebook at its small size and writes no
+figures; ``LOWBIT_SMALL=0`` (``scripts/run_numerics_repro.py`` and friends) runs it at full size
+and saves its figures under ``notebooks/figures/``. Notebooks import this as ``_common``: their
+own folder is on ``sys.path`` when run as a script or in Jupyter (``tests/test_notebooks.py``
+puts it there for in-process runs).
+"""
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SMALL = os.environ.get("LOWBIT_SMALL", "1") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+FIG_DIR = ROOT / "notebooks" / "figures"
+
+
+def savefig(fig, name: str) -> None:
+    """Save ``fig`` as ``notebooks/figures/<name>.png`` at full size only; always close it."""
+    if not SMALL:
+        FIG_DIR.mkdir(parents=True, exist_ok=True)
+        fig.savefig(FIG_DIR / f"{name}.png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
