@@ -17,8 +17,9 @@ accumulated over micro-batches, so no layer's full activation matrix is ever hel
   ``calib["attn.q_proj"]["H"].H``), plus ``recapture(block_params, names)`` to
   recompute statistics after changing part of the block (GPTQ's "true sequential" order:
   quantize q/k/v, recapture o_proj's input, …), ``inputs`` / ``positions`` (the block's input
-  hidden states, for methods that search scales by running the block, e.g. AWQ) and
-  ``outputs(block_params)``.
+  hidden states, for methods that search scales by running the block, e.g. AWQ),
+  ``outputs(block_params)`` and ``cache_attention(block_params)`` (once q/k/v are final, compute
+  the attention output once and reuse it in later recaptures and outputs).
 
 Inputs are recorded at the seam *before* any ``act_quant`` hook. Linears that share an input
 (the adapter table's groups: q/k/v, gate/up) share one accumulator state.
