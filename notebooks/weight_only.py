@@ -36,6 +36,8 @@
 
 # %%
 import dataclasses
+import math
+import os
 
 import matplotlib
 
@@ -45,6 +47,7 @@ from _common import SMALL, savefig
 
 from harness.model import Model
 from harness.pipeline import load
+from harness.results import load_results
 from methods.compare import CompareConfig, pivot, run
 
 METHODS = ["rtn", "gptq", "awq", "omniquant", "squeezellm", "spqr"]
@@ -62,7 +65,10 @@ else:
     OVERRIDES = {}
 
 
-print(f"SMALL={SMALL}  {CMP}")
+# Full size only: LOWBIT_ROWS=results/weight_only.json plots and checks rows measured earlier
+# (scripts/weight_only_table.py appends there) instead of quantizing again.
+ROWS_FROM = None if SMALL else os.environ.get("LOWBIT_ROWS")
+print(f"SMALL={SMALL}  {CMP}  rows from: {ROWS_FROM or 'this run'}")
 
 # %% [markdown]
 # ## Quantize and evaluate
@@ -70,18 +76,24 @@ print(f"SMALL={SMALL}  {CMP}")
 # Every row is printed as soon as it exists; the pivoted table follows.
 
 # %%
-model, params, tok = load("smollm2")
-if SMALL:  # CI: a 2-block model (the embedding, the first 2 blocks and the head)
-    model = Model(dataclasses.replace(model.cfg, n_layers=2))
-    params = {**params, "blocks": params["blocks"][:2]}
-ROWS = run(
-    model, params, tok, model_name="smollm2", methods=METHODS, settings=SETTINGS, cmp=CMP,
-    overrides=OVERRIDES,
-    on_row=lambda r: print(
-        f"  {r.method:10s} {r.bits:32s} {r.dataset:9s} ppl {r.value:9.2f}"
-        f"  ({60 * r.notes.get('quant_minutes', 0):.0f} s to quantize, {r.seconds:.0f} s to evaluate)"
-    ),
-)  # fmt: skip
+if ROWS_FROM:
+    ROWS = load_results(ROWS_FROM)
+    if not ROWS:
+        raise FileNotFoundError(f"LOWBIT_ROWS={ROWS_FROM}: no results there")
+    SETTINGS = sorted({r.notes["setting"] for r in ROWS} - {"fp"}, key=lambda s: (s[1], s))
+else:
+    model, params, tok = load("smollm2")
+    if SMALL:  # CI: a 2-block model (the embedding, the first 2 blocks and the head)
+        model = Model(dataclasses.replace(model.cfg, n_layers=2))
+        params = {**params, "blocks": params["blocks"][:2]}
+    ROWS = run(
+        model, params, tok, model_name="smollm2", methods=METHODS, settings=SETTINGS, cmp=CMP,
+        overrides=OVERRIDES,
+        on_row=lambda r: print(
+            f"  {r.method:10s} {r.bits:32s} {r.dataset:9s} ppl {r.value:9.2f}  "
+            f"({60 * r.notes.get('quant_minutes', 0):.0f} s to quantize, {r.seconds:.0f} s to eval)"
+        ),
+    )  # fmt: skip
 TABLE = pivot(ROWS)
 print(TABLE)
 
@@ -96,8 +108,10 @@ PPL = {
 }
 FP_PPL = PPL[("fp", "fp")][1]
 fig, ax = plt.subplots(figsize=(6.5, 4.2))
-for setting, marker in zip(SETTINGS, "os^", strict=False):
+for setting, marker in zip(SETTINGS, "os^vD", strict=False):
     for m in METHODS:
+        if (setting, m) not in PPL:  # not measured (rows loaded from an earlier run)
+            continue
         bpw, ppl = PPL[(setting, m)]
         ax.scatter(bpw, ppl, marker=marker, label=f"{m} {setting}")
         ax.annotate(m, (bpw, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -113,22 +127,26 @@ savefig(fig, "weight_only_ppl_vs_bpw")
 # ## The headline shapes
 #
 # Each shape is a comparison of two measured perplexities (WikiText-2); `True` means the paper's
-# ordering appears here. At the small (CI) size these booleans mean nothing.
+# ordering appears here, `None` that a row was not measured. At the small (CI) size these
+# booleans mean nothing.
 
 # %%
 W3, W2 = "W3g64", "W2g64"
 
 
 def ppl(setting, method):
-    return PPL[(setting, method)][1]
+    return PPL.get((setting, method), (None, math.nan))[1]
 
 
-SHAPES = {"GPTQ < RTN (W3)": ppl(W3, "gptq") < ppl(W3, "rtn")}
-SHAPES["AWQ < RTN (W3)"] = ppl(W3, "awq") < ppl(W3, "rtn")
-SHAPES["SqueezeLLM < GPTQ (3-bit)"] = ppl(W3, "squeezellm") < ppl(W3, "gptq")
+def below(a, b):
+    return None if math.isnan(a) or math.isnan(b) else bool(a < b)
+
+
+SHAPES = {"GPTQ < RTN (W3)": below(ppl(W3, "gptq"), ppl(W3, "rtn"))}
+SHAPES["AWQ < RTN (W3)"] = below(ppl(W3, "awq"), ppl(W3, "rtn"))
+SHAPES["SqueezeLLM < GPTQ (3-bit)"] = below(ppl(W3, "squeezellm"), ppl(W3, "gptq"))
 SPQR_GAP = ppl(W3, "spqr") / FP_PPL - 1  # the paper: "near-lossless", within ~1% of fp
-SHAPES[f"SpQR within 1% of fp (here {100 * SPQR_GAP:+.1f}%)"] = SPQR_GAP <= 0.01
-if W2 in SETTINGS:
-    SHAPES["OmniQuant < GPTQ (W2)"] = ppl(W2, "omniquant") < ppl(W2, "gptq")
+SHAPES[f"SpQR within 1% of fp (here {100 * SPQR_GAP:+.1f}%)"] = below(SPQR_GAP, 0.01)
+SHAPES["OmniQuant < GPTQ (W2)"] = below(ppl(W2, "omniquant"), ppl(W2, "gptq"))
 for k, v in SHAPES.items():
     print(f"  {k:38s} {v}")
