@@ -23,6 +23,7 @@ NOTEBOOKS = (
     "scaling_laws",
     "fp_vs_int",
     "block_formats",
+    "qid_training",
 )
 
 

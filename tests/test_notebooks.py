@@ -192,6 +192,24 @@ def check_block_formats(g: dict) -> None:
         )
 
 
+def check_qid_training(g: dict) -> None:
+    rows = g["ROWS"]
+    by_ckpt: dict[tuple[str, int], dict[int, float]] = {}
+    for r in rows:
+        by_ckpt.setdefault((r["run"], r["step"]), {})[r["P"]] = r["dloss"]
+    assert len(by_ckpt) == len(g["CFGS"]) * 2  # 2 sizes x 2 budgets at small size
+    for key, d in by_ckpt.items():  # fewer bits, more degradation; 4 bits costs ~nothing
+        assert d[2] > d[3] > d[4] > -0.005, (key, d)
+    for run in g["RUNS"]:  # training worked: the loss fell well below its start
+        assert run["train loss last 10"] < run["train loss first 10"] - 1.0, run["run"]
+    for run_name in g["CFGS"]:  # held-out float loss falls along each run
+        lf = [r["loss_float"] for r in sorted(rows, key=lambda r: r["D"]) if r["run"] == run_name]
+        assert lf[-1] < lf[0], run_name
+    fit = g["FIT"]
+    assert fit.n_points >= 8 and all(math.isfinite(v) for v in fit.params.values())
+    assert g["FITS"][0]["beta"] == S.PAPER_QID_PARAMS["beta"]
+
+
 CHECKS = {
     "qlora_datatypes": check_qlora_datatypes,
     "bipolar_int": check_bipolar_int,
@@ -200,6 +218,7 @@ CHECKS = {
     "weight_only": check_weight_only,
     "fp_vs_int": check_fp_vs_int,
     "block_formats": check_block_formats,
+    "qid_training": check_qid_training,
 }
 
 
