@@ -26,3 +26,19 @@ def savefig(fig, name: str) -> None:
         FIG_DIR.mkdir(parents=True, exist_ok=True)
         fig.savefig(FIG_DIR / f"{name}.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
+
+
+def linear_weights(params, cfg, layers=None, kinds=None) -> dict:
+    """SmolLM2-style block linears as float32 arrays by full name (``blocks.3.mlp.up_proj``):
+    blocks ``layers`` (None: all), linears ``kinds`` (e.g. ``("q_proj", "down_proj")``; None:
+    all seven)."""
+    import jax.numpy as jnp
+
+    from harness.model import get_param, linear_names
+
+    return {
+        n: jnp.asarray(get_param(params, n), jnp.float32)
+        for n in linear_names(cfg)
+        if (layers is None or int(n.split(".")[1]) in layers)
+        and (kinds is None or n.split(".")[-1] in kinds)
+    }

@@ -55,11 +55,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from _common import SMALL, savefig
+from _common import SMALL, linear_weights, savefig
 
 from harness.calibration import c4_calibration
 from harness.layers import apply_rope, causal_attention
-from harness.model import default_positions, get_param, linear_names
+from harness.model import default_positions
 from harness.pipeline import load
 from numerics.config import QuantConfig, block_fp, block_minifloat, mx
 from numerics.packing import bits_per_weight
@@ -75,12 +75,8 @@ T0 = time.perf_counter()
 
 model, params, tok = load("smollm2")
 CFG = model.cfg
-NAMES = [
-    n
-    for n in linear_names(CFG)
-    if int(n.split(".")[1]) in W_LAYERS and (W_KINDS is None or n.split(".")[-1] in W_KINDS)
-]
-WEIGHTS = {n: jnp.asarray(get_param(params, n), jnp.float32) for n in NAMES}
+WEIGHTS = linear_weights(params, CFG, W_LAYERS, W_KINDS)
+NAMES = list(WEIGHTS)
 print(f"SMALL={SMALL}  {len(WEIGHTS)} weight matrices, "
       f"{sum(w.size for w in WEIGHTS.values()) / 1e6:.1f}M parameters")  # fmt: skip
 

@@ -66,10 +66,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from _common import SMALL, savefig
+from _common import SMALL, linear_weights, savefig
 
 from harness.calibration import c4_calibration
-from harness.model import default_positions, get_param, linear_names
+from harness.model import default_positions
 from harness.pipeline import load
 from numerics.config import QuantConfig
 from numerics.formats import IntFormat, get_format
@@ -88,12 +88,8 @@ T0 = time.perf_counter()
 
 model, params, tok = load("smollm2")
 CFG = model.cfg
-NAMES = [
-    n
-    for n in linear_names(CFG)
-    if int(n.split(".")[1]) in W_LAYERS and (W_KINDS is None or n.split(".")[-1] in W_KINDS)
-]
-WEIGHTS = {n: jnp.asarray(get_param(params, n), jnp.float32) for n in NAMES}
+WEIGHTS = linear_weights(params, CFG, W_LAYERS, W_KINDS)
+NAMES = list(WEIGHTS)
 N_PARAMS = sum(w.size for w in WEIGHTS.values())
 print(f"SMALL={SMALL}  {len(WEIGHTS)} weight matrices, {N_PARAMS / 1e6:.1f}M parameters")
 

@@ -39,9 +39,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from _common import ROOT, SMALL, savefig
+from _common import ROOT, SMALL, linear_weights, savefig
 
-from harness.model import get_param, linear_names
 from harness.pipeline import load
 from numerics.analysis import error_stats
 from numerics.codebooks import kmeans
@@ -330,15 +329,16 @@ savefig(fig, "qlora_error_by_magnitude")
 
 # %%
 smol_model, smol_params, _ = load("smollm2")
-SMOL_NAMES = linear_names(smol_model.cfg)
-if SMALL:  # two matrices of the last block
-    SMOL_NAMES = [
-        n for n in SMOL_NAMES if n in ("blocks.29.attn.q_proj", "blocks.29.mlp.down_proj")
-    ]
+SMOL_W = (  # small: two matrices of the last block
+    linear_weights(smol_params, smol_model.cfg, (29,), ("q_proj", "down_proj"))
+    if SMALL
+    else linear_weights(smol_params, smol_model.cfg)
+)
+SMOL_NAMES = list(SMOL_W)
 smol_sqnr = {}  # (format, DQ) -> per-matrix SQNR (dB)
 smol_bpw = {}  # (format, DQ) -> per-matrix bits per weight (DQ pads the scales to 256s)
 for name in SMOL_NAMES:
-    w = jnp.asarray(get_param(smol_params, name), jnp.float32)
+    w = SMOL_W[name]
     for fname, (cfg, _) in FORMATS.items():
         qa = quantize(w, cfg)
         for dq in (False, True):
@@ -348,7 +348,7 @@ for name in SMOL_NAMES:
                 float(10 * jnp.log10(jnp.sum(w**2) / jnp.sum(e**2)))
             )
             smol_bpw.setdefault((fname, dq), []).append(bits_per_weight(qd))
-smol_sizes = np.array([get_param(smol_params, n).size for n in SMOL_NAMES], np.float64)
+smol_sizes = np.array([SMOL_W[n].size for n in SMOL_NAMES], np.float64)
 SMOLLM2_TABLE = [
     {
         "format": fname,
