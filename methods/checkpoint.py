@@ -305,3 +305,19 @@ class BlockCheckpoints:
             out[i] = (bp, meta["report"])
             i += 1
         return out
+
+
+def resume(
+    checkpoint_dir: str | Path | None, *run_parts: Any
+) -> tuple[BlockCheckpoints | None, dict[int, Any], list[dict[str, Any]]]:
+    """Open the block checkpoints of the run identified by ``run_parts`` (see
+    :func:`fingerprint`): ``(checkpoints, {i: finished block params}, report rows of the
+    finished blocks)``; ``(None, {}, [])`` without a ``checkpoint_dir``."""
+    if checkpoint_dir is None:
+        return None, {}, []
+    ckpt = BlockCheckpoints(Path(checkpoint_dir), fingerprint(*run_parts))
+    done, report = {}, []
+    for i, (bp, rows) in ckpt.finished().items():
+        done[i] = bp
+        report.extend(rows)
+    return ckpt, done, report

@@ -30,6 +30,7 @@ import numpy as np
 
 from harness import capture
 from harness.model import ModelConfig, get_param, set_param
+from methods import checkpoint
 from methods.base import LayerResult, LayerStats, QuantizedModel
 from numerics.sparse import weight_bits
 
@@ -125,28 +126,20 @@ def quantize_sequential(
     ``checkpoint_dir``: save each finished block there and resume from the finished ones.
     ``on_block_done(i)`` is called after block ``i`` is quantized (and saved)."""
     t0 = time.perf_counter()
-    report: list[dict[str, Any]] = []
-    ckpt, done = None, {}
-    if checkpoint_dir is not None:
-        from methods import checkpoint
-
-        run_id = checkpoint.fingerprint(
-            params,
-            repr(model_cfg),
-            calib_tokens,
-            repr(cfg),
-            _qualname(layer_fn),
-            needs,
-            true_sequential,
-            n_x_rows,
-            extra_stats or {},
-            seed,
-            batch_size,
-        )
-        ckpt = checkpoint.BlockCheckpoints(Path(checkpoint_dir), run_id)
-        for i, (bp, rows) in ckpt.finished().items():
-            done[i] = bp
-            report.extend(rows)
+    ckpt, done, report = checkpoint.resume(
+        checkpoint_dir,
+        params,
+        repr(model_cfg),
+        calib_tokens,
+        repr(cfg),
+        _qualname(layer_fn),
+        needs,
+        true_sequential,
+        n_x_rows,
+        extra_stats or {},
+        seed,
+        batch_size,
+    )
     accs = accumulators_for(needs, n_x_rows)
     groups = TRUE_SEQUENTIAL if true_sequential else (tuple(n for g in TRUE_SEQUENTIAL for n in g),)
     extra = extra_stats or {}
@@ -192,6 +185,15 @@ def quantize_sequential(
         progress=progress,
         done_blocks=done,
     )
+    return quantized_model(params, new_params, report, t0)
+
+
+def quantized_model(
+    params: Any, new_params: Any, report: list[dict[str, Any]], t0: float
+) -> QuantizedModel:
+    """The walk's result: ``new_params``, the per-linear ``report`` (each row's ``bits`` per
+    weight), the seconds since ``t0`` and the bits per weight over all quantized linears,
+    weighted by their sizes in ``params``."""
     sizes = {r["name"]: int(np.prod(get_param(params, r["name"]).shape)) for r in report}
     bpw = sum(r["bits"] * sizes[r["name"]] for r in report) / max(sum(sizes.values()), 1)
     return QuantizedModel(new_params, report, time.perf_counter() - t0, bpw)

@@ -30,7 +30,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from harness import capture
 from harness.layers import NO_HOOKS
@@ -44,10 +43,11 @@ from harness.model import (
     get_param,
     set_param,
 )
+from methods import checkpoint
 from methods.awq import core
 from methods.awq.core import AWQConfig, ScaledQArray, quantize_layer
 from methods.base import Method, QuantizedModel, register
-from methods.walk import layer_stats
+from methods.walk import layer_stats, quantized_model
 from numerics.quantize import quantize
 from numerics.sparse import weight_bits
 
@@ -268,19 +268,9 @@ def quantize_model(
     is called after block ``i`` is saved."""
     t0 = time.perf_counter()
     model = Model(model_cfg)
-    done: dict[int, Any] = {}
-    report: list[dict[str, Any]] = []
-    ckpt = None
-    if checkpoint_dir is not None:
-        from methods import checkpoint
-
-        run_id = checkpoint.fingerprint(
-            params, repr(model_cfg), calib_tokens, repr(cfg), "methods.awq", batch_size
-        )
-        ckpt = checkpoint.BlockCheckpoints(Path(checkpoint_dir), run_id)
-        for i, (bq, rows) in ckpt.finished().items():
-            done[i] = bq
-            report.extend(rows)
+    ckpt, done, report = checkpoint.resume(
+        checkpoint_dir, params, repr(model_cfg), calib_tokens, repr(cfg), "methods.awq", batch_size
+    )
     # finished blocks only run forward: the fp block itself when the fp stream propagates
     forward = {i: params["blocks"][i] if cfg.propagate == "fp" else bq for i, bq in done.items()}
 
@@ -306,9 +296,7 @@ def quantize_model(
         done_blocks=forward,
     )
     new = {**new, "blocks": [done[i] for i in range(model_cfg.n_layers)]}
-    sizes = {r["name"]: int(np.prod(get_param(params, r["name"]).shape)) for r in report}
-    bpw = sum(r["bits"] * sizes[r["name"]] for r in report) / max(sum(sizes.values()), 1)
-    return QuantizedModel(new, report, time.perf_counter() - t0, bpw)
+    return quantized_model(params, new, report, t0)
 
 
 METHOD = register(

@@ -37,9 +37,11 @@ from harness.model import (
     get_param,
     set_param,
 )
+from methods import checkpoint
 from methods.base import Method, QuantizedModel, register
 from methods.omniquant import core
 from methods.omniquant.core import OmniQuantConfig, quantize_layer
+from methods.walk import quantized_model
 from numerics.sparse import weight_bits
 
 __all__ = ["OmniQuantConfig", "quantize_layer", "quantize_model", "train_block"]
@@ -151,18 +153,15 @@ def quantize_model(
     t0 = time.perf_counter()
     model = Model(model_cfg)
     state: dict[str, Any] = {}
-    report: list[dict[str, Any]] = []
-    ckpt, done = None, {}
-    if checkpoint_dir is not None:
-        from methods import checkpoint
-
-        run_id = checkpoint.fingerprint(
-            params, repr(model_cfg), calib_tokens, repr(cfg), "methods.omniquant", batch_size
-        )
-        ckpt = checkpoint.BlockCheckpoints(Path(checkpoint_dir), run_id)
-        for i, (bq, rows) in ckpt.finished().items():
-            done[i] = bq
-            report.extend(rows)
+    ckpt, done, report = checkpoint.resume(
+        checkpoint_dir,
+        params,
+        repr(model_cfg),
+        calib_tokens,
+        repr(cfg),
+        "methods.omniquant",
+        batch_size,
+    )
 
     def on_block(i, bp, calib):
         t = time.perf_counter()
@@ -209,9 +208,7 @@ def quantize_model(
         progress=progress,
         done_blocks=done,
     )
-    sizes = {r["name"]: int(np.prod(get_param(params, r["name"]).shape)) for r in report}
-    bpw = sum(r["bits"] * sizes[r["name"]] for r in report) / max(sum(sizes.values()), 1)
-    return QuantizedModel(new, report, time.perf_counter() - t0, bpw)
+    return quantized_model(params, new, report, t0)
 
 
 METHOD = register(
