@@ -16,8 +16,9 @@ accumulated over micro-batches, so no layer's full activation matrix is ever hel
   (``"attn.q_proj"``) to ``{stat_name: state}`` (default ``{"H": HessianState}``, so
   ``calib["attn.q_proj"]["H"].H``), plus ``recapture(block_params, names)`` to
   recompute statistics after changing part of the block (GPTQ's "true sequential" order:
-  quantize q/k/v, recapture o_proj's input, …), ``inputs`` / ``positions`` (the block's input
-  hidden states, for methods that search scales by running the block, e.g. AWQ),
+  quantize q/k/v, recapture o_proj's input, …), ``inputs`` (the block's input hidden states,
+  for methods that search scales by running the block, e.g. AWQ; calibration segments are
+  whole sequences, so positions are always ``0 … t-1``),
   ``outputs(block_params)`` and ``cache_attention(block_params)`` (once q/k/v are final, compute
   the attention output once and reuse it in later recaptures and outputs).
 
@@ -38,7 +39,7 @@ from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
 from harness.layers import NO_HOOKS, Hooks
-from harness.model import ADAPTERS, BLOCK_LINEARS, Model, ModelConfig, default_positions
+from harness.model import ADAPTERS, BLOCK_LINEARS, Model, ModelConfig
 
 
 class Accumulator(NamedTuple):
@@ -144,8 +145,8 @@ def _shared_layer(model: Model, i: int) -> int:
 def _stats_step(
     model: Model, i: int, leaders: tuple[str, ...], accs: tuple[tuple[str, Accumulator], ...]
 ):
-    def step(states, block_params, h, positions, mix):
-        _, ins = model.apply_block(block_params, i, h, positions, capture=True, mix=mix)
+    def step(states, block_params, h, mix):
+        _, ins = model.apply_block(block_params, i, h, capture=True, mix=mix)
         return {ld: {k: acc.update(states[ld][k], ins[ld]) for k, acc in accs} for ld in leaders}
 
     return jax.jit(step)
@@ -153,14 +154,14 @@ def _stats_step(
 
 @functools.lru_cache(maxsize=256)
 def _block_fn(model: Model, i: int):
-    return jax.jit(lambda bp, h, positions, mix: model.apply_block(bp, i, h, positions, mix=mix))
+    return jax.jit(lambda bp, h, mix: model.apply_block(bp, i, h, mix=mix))
 
 
 @functools.lru_cache(maxsize=256)
 def _mix_fn(model: Model, i: int):
     """The attention heads' output (o_proj's input) alone; XLA drops the MLP."""
     return jax.jit(
-        lambda bp, h, positions: model.apply_block(bp, i, h, positions, capture=True)[1][
+        lambda bp, h: model.apply_block(bp, i, h, capture=True)[1][
             "attn.o_proj"
         ]
     )
@@ -186,7 +187,6 @@ def block_stats(
     i: int,
     block_params: Any,
     inputs: Float[Array, "n t d"],
-    positions: Int[Array, "n t"],
     accumulators: Mapping[str, Accumulator],
     *,
     names: tuple[str, ...] | None = None,
@@ -217,9 +217,7 @@ def block_stats(
     states = {ld: {k: acc.init(dims[ld]) for k, acc in accs} for ld in groups}
     step = _stats_step(model, _shared_layer(model, i), tuple(groups), accs)
     for sl in _batches(inputs.shape[0], batch_size):
-        states = step(
-            states, block_params, inputs[sl], positions[sl], None if mix is None else mix[sl]
-        )
+        states = step(states, block_params, inputs[sl], None if mix is None else mix[sl])
     return {n: states[ld] for ld, members in groups.items() for n in members}
 
 
@@ -231,7 +229,6 @@ class BlockCalibration(Mapping):
     model: Model
     layer: int
     inputs: Float[Array, "n t d"]  # hidden states entering the block (after previous blocks)
-    positions: Int[Array, "n t"]
     accumulators: Mapping[str, Accumulator]
     batch_size: int
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -259,7 +256,6 @@ class BlockCalibration(Mapping):
             self.layer,
             block_params,
             self.inputs,
-            self.positions,
             self.accumulators,
             names=names,
             batch_size=self.batch_size,
@@ -280,7 +276,7 @@ class BlockCalibration(Mapping):
         f = _mix_fn(self.model, _shared_layer(self.model, self.layer))
         self.mix = jnp.concatenate(
             [
-                f(block_params, self.inputs[sl], self.positions[sl])
+                f(block_params, self.inputs[sl])
                 for sl in _batches(self.inputs.shape[0], self.batch_size)
             ],
             axis=0,
@@ -291,7 +287,7 @@ class BlockCalibration(Mapping):
         f = _block_fn(self.model, _shared_layer(self.model, self.layer))
         mix = self.mix
         parts = [
-            f(block_params, self.inputs[sl], self.positions[sl], None if mix is None else mix[sl])
+            f(block_params, self.inputs[sl], None if mix is None else mix[sl])
             for sl in _batches(self.inputs.shape[0], self.batch_size)
         ]
         return jnp.concatenate(parts, axis=0)
@@ -334,11 +330,10 @@ def sequential(
     h = jnp.concatenate(
         [embed(params, tokens[sl]) for sl in _batches(tokens.shape[0], batch_size)], axis=0
     )
-    positions = default_positions(tokens)
     blocks = list(params["blocks"])
     done_blocks = done_blocks or {}
     for i in tqdm(range(cfg.n_layers), desc="calibration", disable=not progress):
-        calib = BlockCalibration(model, i, h, positions, accumulators, batch_size)
+        calib = BlockCalibration(model, i, h, accumulators, batch_size)
         if i in done_blocks:
             blocks[i] = done_blocks[i]
             h = calib.outputs(blocks[i])

@@ -169,37 +169,70 @@ def apply_rope(
     return out.astype(x.dtype)
 
 
+QUERY_CHUNK = 128  # queries per chunk of the in-order path; 128 measured fastest on CPU at T=2048
+
+
 def causal_attention(
     q: Float[Array, "b t h d"],
     k: Float[Array, "b s kv d"],
     v: Float[Array, "b s kv d"],
-    positions: Int[Array, "b t"],
+    positions: Int[Array, "b t"] | None,
     *,
     scale: float,
     window: int | None = None,
+    query_chunk: int = QUERY_CHUNK,
 ) -> Float[Array, "b t h d"]:
     """Softmax attention (arXiv:1706.03762 eq. 1) with grouped-query heads (arXiv:2305.13245).
 
     Query head ``j`` reads key/value head ``j // (h / kv)``. Token ``t`` sees token ``s`` iff
     ``pos_s <= pos_t`` and, with a sliding ``window``, ``pos_t - pos_s < window`` (the Mistral /
     Gemma / llama.cpp "standard" SWA convention). Scores and softmax in float32.
+
+    ``positions=None`` means the tokens are in order (``pos_t = t``, every caller's case). Then
+    the queries run in chunks of ``query_chunk``, and each chunk reads only the keys it can see
+    (``[t0 - window + 1, t0 + chunk)``): half the T×T work is skipped, and each chunk's scores
+    stay small enough for the CPU caches (4.8× faster than the full masked product at T = 2048,
+    ``scripts/bench_eval.py``). With explicit ``positions`` the full ``[T, S]`` scores are masked.
     """
     B, T, H, D = q.shape
     KV = k.shape[2]
     if H % KV:
         raise ValueError(f"{H} query heads do not divide into {KV} key/value heads")
-    qg = q.reshape(B, T, KV, H // KV, D)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    s = s * jnp.float32(scale)
-    pq = positions[:, :, None]
-    pk = positions[:, None, :]
-    allowed = pk <= pq
-    if window is not None:
-        allowed = allowed & (pq - pk < window)
-    s = jnp.where(allowed[:, None, None, :, :], s, jnp.float32(-1e30))
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
-    return o.reshape(B, T, H, D).astype(q.dtype)
+    if query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    G = H // KV
+    # Head-major once: q [B, KV, G, T, D], k / v [B, KV, S, D].
+    qh = jnp.transpose(q.reshape(B, T, KV, G, D), (0, 2, 3, 1, 4))
+    kh, vh = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+
+    def attend(qc, s0, s1, allowed):
+        s = jnp.einsum("bkgtd,bksd->bkgts", qc, kh[:, :, s0:s1], preferred_element_type=jnp.float32)
+        s = jnp.where(allowed, s * jnp.float32(scale), jnp.float32(-1e30))
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        return jnp.einsum(
+            "bkgts,bksd->bkgtd", p, vh[:, :, s0:s1], preferred_element_type=jnp.float32
+        )
+
+    if positions is None:
+        if k.shape[1] != T:
+            raise ValueError(
+                f"in-order attention needs as many keys as queries, got {k.shape[1]} vs {T}"
+            )
+        outs = []
+        for t0 in range(0, T, query_chunk):
+            t1 = min(t0 + query_chunk, T)
+            s0 = 0 if window is None else max(0, t0 - window + 1)
+            pq, pk = np.arange(t0, t1)[:, None], np.arange(s0, t1)[None, :]
+            allowed = pk <= pq if window is None else (pk <= pq) & (pq - pk < window)
+            outs.append(attend(qh[:, :, :, t0:t1], s0, t1, allowed[None, None, None]))
+        o = jnp.concatenate(outs, axis=3)
+    else:
+        pq, pk = positions[:, :, None], positions[:, None, :]
+        allowed = pk <= pq
+        if window is not None:
+            allowed = allowed & (pq - pk < window)
+        o = attend(qh, 0, k.shape[1], allowed[:, None, None])
+    return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, H, D).astype(q.dtype)
 
 
 def glu_activation(kind: str) -> Callable[[Array], Array]:

@@ -298,9 +298,13 @@ class _Seamed(nn.Module):
 class Attention(_Seamed):
     @nn.compact
     def __call__(
-        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], mix: Array | None = None
+        self,
+        x: Float[Array, "b t d"],
+        positions: Int[Array, "b t"] | None,
+        mix: Array | None = None,
     ) -> Array:
-        """``mix``: the heads' attention output (o_proj's input) computed earlier with the same
+        """``positions=None``: tokens in order (``pos_t = t``), the fast attention path.
+        ``mix``: the heads' attention output (o_proj's input) computed earlier with the same
         q/k/v weights — then only o_proj runs (calibration reuses it; see ``apply_block``)."""
         c, hk = self.cfg, self.hooks
         B, T, _ = x.shape
@@ -318,8 +322,9 @@ class Attention(_Seamed):
         if hk.kv_quant is not None and hk.kv_quant_pre_rope:
             k, v = hk.kv_quant(self.layer, k, v)
         inv_freq = c.rope_inv_freq(self.layer)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        rope_pos = default_positions(x) if positions is None else positions
+        q = apply_rope(q, rope_pos, inv_freq)
+        k = apply_rope(k, rope_pos, inv_freq)
         if hk.kv_quant is not None and not hk.kv_quant_pre_rope:
             k, v = hk.kv_quant(self.layer, k, v)
         o = causal_attention(q, k, v, positions, scale=c.scale, window=c.window(self.layer))
@@ -342,7 +347,10 @@ class Block(_Seamed):
 
     @nn.compact
     def __call__(
-        self, h: Float[Array, "b t d"], positions: Int[Array, "b t"], mix: Array | None = None
+        self,
+        h: Float[Array, "b t d"],
+        positions: Int[Array, "b t"] | None,
+        mix: Array | None = None,
     ) -> Array:
         c = self.cfg
         a = Attention(c, self.layer, self.hooks, "attn.", name="attn")(
@@ -404,8 +412,9 @@ class Model:
         of every linear that ran: ``{"attn.q_proj": x, ..., "mlp.down_proj": x}`` (before
         act_quant). ``mix`` ``[b, t, n_heads·head_dim]``: the attention heads' output (o_proj's
         captured input) from an earlier call with the same q/k/v/norm weights; q/k/v and the
-        attention itself are then skipped (and not captured) — the block's result is unchanged."""
-        positions = default_positions(h) if positions is None else positions
+        attention itself are then skipped (and not captured) — the block's result is unchanged.
+        ``positions=None`` (the default) means in order, ``0 … t-1``: the same result as
+        ``default_positions(h)``, through the faster chunked attention."""
         mod = self.block_module(i)
         if not capture:
             return mod.apply({"params": block_params}, h, positions, mix)
@@ -431,7 +440,6 @@ class Model:
     def hidden(self, params: Any, tokens: Array, positions: Array | None = None) -> Array:
         """Residual stream after the last block (before the final norm)."""
         h = self.embed(params, tokens)
-        positions = default_positions(h) if positions is None else positions
         for i in range(self.cfg.n_layers):
             h = self.block(params, i, h, positions)
         return h

@@ -187,7 +187,7 @@ def test_cached_attention_equals_rerunning_the_block(cfg):
             changed = set_param(changed, n, get_param(changed, n) * 1.5)
         names = ("attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
         cached = calib.recapture(changed, names)
-        plain = BlockCalibration(model, i, calib.inputs, calib.positions, ACCS, batch_size=2)
+        plain = BlockCalibration(model, i, calib.inputs, ACCS, batch_size=2)
         fresh = plain.recapture(changed, names)
         for n in names:
             for k in ACCS:

@@ -112,16 +112,15 @@ def test_block_loss_decreases_and_beats_minmax():
     params = init_params(TINY, 0)
     model = Model(TINY)
     h = model.embed(params, _tokens())  # block 0's inputs, as in the model walk (shared compile)
-    pos = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32)[None, :], h.shape[:2])
     bp = params["blocks"][0]
-    bq, y, info = omni.train_block(model, 0, bp, h, h, pos, CFG, eval_batch=2)
+    bq, y, info = omni.train_block(model, 0, bp, h, h, CFG, eval_batch=2)
     hist = np.asarray(info["history"])
     assert hist[-1] < hist[0]
     qcfg = rtn.RTNConfig(bits=3, group_size=32).quant_config()
     bq_rtn = bp
     for n in BLOCK_LINEARS:
         bq_rtn = set_param(bq_rtn, n, quantize(get_param(bp, n), qcfg))
-    block = jax.jit(lambda b: model.apply_block(b, 0, h, pos))
+    block = jax.jit(lambda b: model.apply_block(b, 0, h))
 
     def mse(b):
         return float(jnp.mean(jnp.square(block(b) - y)))

@@ -12,13 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.layers import Hooks, apply_rope, linear, rope_frequencies
+from harness.layers import Hooks, apply_rope, causal_attention, linear, rope_frequencies
 from harness.model import (
     ADAPTERS,
     BLOCK_LINEARS,
     Model,
     ModelConfig,
     cast_params,
+    default_positions,
     get_param,
     init_params,
     linear_names,
@@ -113,6 +114,46 @@ def test_causality_later_token_never_changes_earlier_logits(pos, new):
         a, b = _FWD[cfg.family](p, toks), _FWD[cfg.family](p, changed)
         np.testing.assert_array_equal(np.asarray(a[:, :pos]), np.asarray(b[:, :pos]))
         assert float(jnp.max(jnp.abs(a[:, pos] - b[:, pos]))) > 1e-4  # the changed token matters
+
+
+@given(
+    T=st.integers(1, 24),
+    chunk=st.integers(3, 11),
+    window=st.none() | st.integers(1, 9),
+    heads=st.sampled_from([(4, 2), (3, 1), (2, 2)]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_in_order_attention_equals_the_masked_full_product(T, chunk, window, heads, seed):
+    """The in-order path (query chunks reading only the keys they can see) against the full
+    [T, T] masked product with explicit positions 0..T-1. Masked scores become exactly 0 after
+    the softmax either way, so only float32 summation order differs: 1e-6 on O(1) outputs."""
+    H, KV = heads
+    r = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(r.normal(size=(2, T, n, 8)).astype(np.float32)) for n in (H, KV, KV))
+    full = causal_attention(q, k, v, default_positions(q), scale=0.3, window=window)
+    fast = causal_attention(q, k, v, None, scale=0.3, window=window, query_chunk=chunk)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(full), rtol=1e-6, atol=1e-6)
+
+
+def test_in_order_forward_equals_explicit_positions(setup):
+    for cfg in CONFIGS.values():
+        p, toks = _PARAMS[cfg.family], tokens(cfg, 2)
+        model = Model(cfg)
+        a = jax.jit(model.forward)(p, toks)
+        b = jax.jit(model.forward)(p, toks, default_positions(toks))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_rejects_bad_shapes():
+    q = jnp.zeros((1, 4, 3, 8), jnp.float32)
+    kv = jnp.zeros((1, 4, 2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="do not divide"):
+        causal_attention(q, kv, kv, None, scale=1.0)
+    q = jnp.zeros((1, 4, 2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        causal_attention(q, kv[:, :3], kv[:, :3], None, scale=1.0)
+    with pytest.raises(ValueError, match="query_chunk"):
+        causal_attention(q, kv, kv, None, scale=1.0, query_chunk=0)
 
 
 def test_sliding_window_limits_receptive_field():

@@ -70,20 +70,20 @@ def _rep_layer(cfg: ModelConfig, i: int) -> int:
     return next(j for j in range(cfg.n_layers) if cfg.layer_type(j) == cfg.layer_type(i))
 
 
-def _apply(kind: str, cfg: ModelConfig, layer: int, sub: Any, x, pos):
+def _apply(kind: str, cfg: ModelConfig, layer: int, sub: Any, x):
     if kind == "attn":
-        return Attention(cfg, layer, NO_HOOKS, "attn.").apply({"params": sub}, x, pos)
+        return Attention(cfg, layer, NO_HOOKS, "attn.").apply({"params": sub}, x, None)
     if kind == "mlp":
         return MLP(cfg, layer, NO_HOOKS, "mlp.").apply({"params": sub}, x)
     return jnp.matmul(x, sub["w"].T, precision=jax.lax.Precision.HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "cfg", "layer", "names", "qcfg", "n_grid"))
-def _search_group(sub, s_X, xs, pos, *, kind, cfg, layer, names, qcfg, n_grid):
-    """Scale search on a module's output; ``xs`` [nb, bs, t, d] and ``pos`` [nb, bs, t]."""
+def _search_group(sub, s_X, xs, *, kind, cfg, layer, names, qcfg, n_grid):
+    """Scale search on a module's output; ``xs`` [nb, bs, t, d] (whole, in-order sequences)."""
 
     def run(p):
-        return jax.lax.map(lambda xp: _apply(kind, cfg, layer, p, xp[0], xp[1]), (xs, pos))
+        return jax.lax.map(lambda x: _apply(kind, cfg, layer, p, x), xs)
 
     y0 = run(sub)
 
@@ -100,8 +100,8 @@ _clip_search = jax.jit(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _capture(model: Model, layer: int, bp, h, pos):
-    return model.apply_block(bp, layer, h, pos, capture=True)[1]
+def _capture(model: Model, layer: int, bp, h):
+    return model.apply_block(bp, layer, h, capture=True)[1]
 
 
 def _batches(n: int, batch_size: int) -> int:
@@ -142,27 +142,25 @@ def fold_scales(bp: Any, group: LinearGroup, s) -> Any:
     return set_param(bp, group.prev + "_bias", (b / s).astype(b.dtype))
 
 
-def _inputs(model: Model, i: int, bp, h, positions, batch_size: int) -> dict[str, Any]:
+def _inputs(model: Model, i: int, bp, h, batch_size: int) -> dict[str, Any]:
     """Every linear's inputs ``[n, t, d]`` in the block ``bp`` (captured in micro-batches)."""
     rep = _rep_layer(model.cfg, i)
     parts = [
-        _capture(model, rep, bp, h[s : s + batch_size], positions[s : s + batch_size])
-        for s in range(0, h.shape[0], batch_size)
+        _capture(model, rep, bp, h[s : s + batch_size]) for s in range(0, h.shape[0], batch_size)
     ]
     return {k: jnp.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
 
 
 def search_block_scales(
-    model: Model, i: int, bp, ins: dict, s_X: dict, positions, cfg: AWQConfig, batch_size: int = 8
+    model: Model, i: int, bp, ins: dict, s_X: dict, cfg: AWQConfig, batch_size: int = 8
 ) -> dict[str, dict[str, Any]]:
     """One scale search per input group of block ``i`` (on the unmodified block ``bp``).
 
     Returns ``{first linear name: {"s", "alpha", "losses"}}``; groups that cannot be folded
     (grouped-query o_proj) are absent."""
     out = {}
-    n = positions.shape[0]
+    n = next(iter(ins.values())).shape[0]
     bs = _batches(n, batch_size)
-    pos = positions.reshape(n // bs, bs, -1)
     for group in ADAPTERS[model.cfg.family]:
         if not _foldable(bp, group):
             continue
@@ -181,7 +179,6 @@ def search_block_scales(
             sub,
             s_X[lead],
             xs,
-            pos,
             kind=kind,
             cfg=model.cfg,
             layer=_rep_layer(model.cfg, i),
@@ -199,9 +196,9 @@ def awq_block(
     """AWQ on block ``i``: ``(scaled float block, quantized block, report rows)``."""
     groups = ADAPTERS[model.cfg.family]
     t = time.perf_counter()
-    ins = _inputs(model, i, bp, calib.inputs, calib.positions, batch_size)
+    ins = _inputs(model, i, bp, calib.inputs, batch_size)
     s_X = {g.names[0]: layer_stats(calib[g.names[0]]).act_absmean for g in groups}
-    found = search_block_scales(model, i, bp, ins, s_X, calib.positions, cfg, batch_size)
+    found = search_block_scales(model, i, bp, ins, s_X, cfg, batch_size)
     bp_s = bp
     for g in groups:
         if g.names[0] in found:

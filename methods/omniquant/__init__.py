@@ -33,7 +33,6 @@ from harness.model import (
     BLOCK_LINEARS,
     Model,
     ModelConfig,
-    default_positions,
     get_param,
     set_param,
 )
@@ -59,13 +58,14 @@ def _fake_block(bp: Any, theta: dict[str, Any], cfg: OmniQuantConfig) -> Any:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _train(model: Model, layer: int, cfg: OmniQuantConfig, bp, xq, y, y2, pos):
-    """``xq, y, y2`` [steps, bs, t, d]; ``pos`` [bs, t]. Returns (theta, history, final loss)."""
+def _train(model: Model, layer: int, cfg: OmniQuantConfig, bp, xq, y, y2):
+    """``xq, y, y2`` [steps, bs, t, d] (whole, in-order sequences).
+    Returns (theta, history, final loss)."""
     theta0 = {n: core.lwc_init(get_param(bp, n), cfg) for n in BLOCK_LINEARS}
 
     def loss(theta, batch):
         x, target, target2 = batch
-        out = model.apply_block(_fake_block(bp, theta, cfg), layer, x, pos)
+        out = model.apply_block(_fake_block(bp, theta, cfg), layer, x)
         err = jnp.mean(jnp.square(out - target))
         if cfg.aug_loss:
             err = err + jnp.mean(jnp.square(out - target2))
@@ -75,14 +75,14 @@ def _train(model: Model, layer: int, cfg: OmniQuantConfig, bp, xq, y, y2, pos):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _forward(model: Model, layer: int, bp, h, pos):
-    return model.apply_block(bp, layer, h, pos)
+def _forward(model: Model, layer: int, bp, h):
+    return model.apply_block(bp, layer, h)
 
 
-def _outputs(model: Model, layer: int, bp, h, positions, batch_size: int):
+def _outputs(model: Model, layer: int, bp, h, batch_size: int):
     return jnp.concatenate(
         [
-            _forward(model, layer, bp, h[s : s + batch_size], positions[s : s + batch_size])
+            _forward(model, layer, bp, h[s : s + batch_size])
             for s in range(0, h.shape[0], batch_size)
         ],
         axis=0,
@@ -95,15 +95,14 @@ def train_block(
     bp,
     fp_in,
     quant_in,
-    positions,
     cfg: OmniQuantConfig,
     *,
     eval_batch: int = 8,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """LWC for block ``i``: returns ``(quantized block, fp block outputs on fp_in, info)``."""
     rep = _rep_layer(model.cfg, i)
-    y = _outputs(model, rep, bp, fp_in, positions, eval_batch)
-    y2 = _outputs(model, rep, bp, quant_in, positions, eval_batch) if cfg.aug_loss else y
+    y = _outputs(model, rep, bp, fp_in, eval_batch)
+    y2 = _outputs(model, rep, bp, quant_in, eval_batch) if cfg.aug_loss else y
     n = quant_in.shape[0]
     bs = min(cfg.batch_size, n)
     steps = n // bs  # the repo's nsamples // batch_size (remainder dropped)
@@ -111,9 +110,7 @@ def train_block(
     def stack(a):
         return a[: steps * bs].reshape((steps, bs) + a.shape[1:])
 
-    theta, history = _train(
-        model, rep, cfg, bp, stack(quant_in), stack(y), stack(y2), positions[:bs]
-    )
+    theta, history = _train(model, rep, cfg, bp, stack(quant_in), stack(y), stack(y2))
     bq = bp
     for name in BLOCK_LINEARS:
         bq = set_param(bq, name, core.lwc_quantize(get_param(bp, name), theta[name], cfg))
@@ -127,9 +124,8 @@ def _fp_stream(model: Model, params, tokens, upto: int, batch_size: int):
     h = jnp.concatenate(
         [embed(params, tokens[s : s + batch_size]) for s in range(0, tokens.shape[0], batch_size)]
     )
-    positions = default_positions(tokens)
     for j in range(upto):
-        h = _outputs(model, _rep_layer(model.cfg, j), params["blocks"][j], h, positions, batch_size)
+        h = _outputs(model, _rep_layer(model.cfg, j), params["blocks"][j], h, batch_size)
     return h
 
 
@@ -170,7 +166,7 @@ def quantize_model(
                 calib.inputs if i == 0 else _fp_stream(model, params, calib_tokens, i, batch_size)
             )
         bq, y, info = train_block(
-            model, i, bp, state["fp"], calib.inputs, calib.positions, cfg, eval_batch=batch_size
+            model, i, bp, state["fp"], calib.inputs, cfg, eval_batch=batch_size
         )
         state["fp"] = y
         hist = np.asarray(info["history"])
