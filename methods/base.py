@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 STAT_NAMES = ("H", "X", "act_absmean", "act_absmax", "fisher")
@@ -92,3 +93,31 @@ def check_bits(bits: int, allowed: tuple[int, ...], who: str) -> None:
 def check_group(group_size: int | None, who: str) -> None:
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"{who}: group_size must be a positive int or None, got {group_size!r}")
+
+
+def group_view(
+    W: Float[Array, "out in"], group_size: int | None, *, ragged: bool, who: str, pad: str = "zero"
+) -> Float[Array, "out ng g"]:
+    """``W`` as ``[out, n_groups, g]`` float32 groups of consecutive input channels.
+
+    With ``ragged`` a group size that leaves a remainder gives a shorter last group, padded to
+    ``g`` with zeros (``pad="zero"``: exact for min-max ranges that include 0 and for errors
+    weighted by zero-padded inputs) or with copies of the last column (``pad="edge"``: exact for
+    min and max). :func:`ungroup` cuts the padding off again."""
+    out, d_in = W.shape
+    g = d_in if group_size is None else group_size
+    if d_in % g and not ragged:
+        raise ValueError(
+            f"{who}: group_size {g} does not divide in-features {d_in}; "
+            "pass ragged=True for a shorter last group"
+        )
+    W = W.astype(jnp.float32)
+    extra = -d_in % g
+    if extra:
+        W = jnp.pad(W, ((0, 0), (0, extra)), mode="constant" if pad == "zero" else "edge")
+    return W.reshape(out, -1, g)
+
+
+def ungroup(Wb: Float[Array, "out ng g"], d_in: int) -> Float[Array, "out in"]:
+    """The inverse of :func:`group_view`."""
+    return Wb.reshape(Wb.shape[0], -1)[:, :d_in]

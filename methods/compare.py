@@ -60,12 +60,16 @@ def parse_setting(s: str) -> tuple[int, int | None]:
 def config_for(method: Method, bits: int, group: int | None, **overrides: Any) -> Any:
     """``method``'s paper-default config at ``bits`` (and ``group`` where the method has groups:
     SpQR keeps its own β₁ = 16 groups, SqueezeLLM its per-channel levels — the bits-per-weight
-    column says what each costs). ``overrides`` replace further fields (e.g. ``epochs``)."""
+    column says what each costs). ``overrides`` replace further fields (e.g. ``epochs``).
+    Groups are ragged where the method allows it: a group size that leaves a remainder (g128 on
+    SmolLM2's 576 features) gives a shorter last group, as GPTQ's reference does."""
     cls = method.config
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"{method.name} has no config field(s) {sorted(unknown)}; has {fields}")
+    if "ragged" in fields and group is not None:
+        overrides = {"ragged": True} | overrides
     if hasattr(cls, "for_format"):
         return cls.for_format(bits, group, **overrides)
     kw = {"bits": bits} | ({"group_size": group} if "group_size" in fields else {})

@@ -15,6 +15,11 @@ granularity        meaning (weights ``W[out, in]``)        activations ``X[..., 
 =================  ======================================  ===============================
 
 ``axis`` is always the *reduction* axis: the axis along which elements share a scale.
+
+``ragged=True`` lets ``group_size`` leave a remainder: the last group along ``axis`` is shorter
+(e.g. SmolLM2's 576 input features in groups of 128: four of 128 and one of 64), with its scale
+chosen from its own elements only — GPTQ's reference quantizes its last columns this way.
+Without it a group size that does not divide the axis is an error.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class QuantConfig:
     granularity: Granularity = "channel"  # see the module docstring
     axis: int = -1  # reduction axis for "channel" / "group"
     group_size: int = 128  # elements per group along ``axis`` ("group")
+    ragged: bool = False  # "group": allow a shorter last group when group_size does not divide
     block_shape: tuple[int, ...] = ()  # tile shape ("block"); len 2 applies to the last two axes
     zero_point: bool = False  # asymmetric: x ≈ (q − z)·s with integer z (integer formats only)
     scale_kind: ScaleKind = "float"  # "pow2": shared power-of-two exponent (MX / BFP, E8M0)
@@ -61,6 +67,10 @@ class QuantConfig:
             not isinstance(self.group_size, int) or self.group_size < 1
         ):
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        if self.ragged and self.granularity != "group":
+            raise ValueError(
+                f"ragged=True applies to granularity='group', not {self.granularity!r}"
+            )
         if self.granularity == "block" and (
             not self.block_shape or any(int(b) < 1 for b in self.block_shape)
         ):

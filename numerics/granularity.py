@@ -5,6 +5,13 @@ per-token) is one *block shape* ``b`` with ``len(b) == x.ndim`` and ``b[i] | x.s
 one scale (and zero point) per block. The blocked view of ``x[s0, s1, …]`` is
 ``x.reshape(n0, b0, n1, b1, …)`` with ``n_i = s_i / b_i``; per-block statistics reduce
 the odd axes and have shape ``(n0, n1, …)``.
+
+Ragged groups (``QuantConfig.ragged``): ``b_i`` need not divide ``s_i``; then
+``n_i = ceil(s_i / b_i)`` and the last block along that axis is shorter. :func:`to_blocks`
+zero-pads such an array to whole blocks and :func:`from_blocks` cuts the padding off, which is
+exact for anything computed element-wise (dequantization). Statistics over a padded block would
+see the zeros, so :func:`numerics.quantize.quantize` never computes them there: it quantizes the
+whole blocks and the short tail separately (:func:`split_ragged`).
 """
 
 from __future__ import annotations
@@ -33,10 +40,10 @@ def block_shape(shape: tuple[int, ...], cfg: QuantConfig) -> tuple[int, ...]:
     if cfg.granularity in ("channel", "group"):
         ax = _norm_axis(cfg.axis, ndim)
         size = shape[ax] if cfg.granularity == "channel" else cfg.group_size
-        if shape[ax] % size:
+        if shape[ax] % size and not cfg.ragged:
             raise ValueError(
                 f"group_size {size} does not divide axis {cfg.axis} of length {shape[ax]} "
-                f"(array shape {tuple(shape)})"
+                f"(array shape {tuple(shape)}); pass ragged=True for a shorter last group"
             )
         return tuple(size if i == ax else 1 for i in range(ndim))
     bs = tuple(int(b) for b in cfg.block_shape)
@@ -50,17 +57,39 @@ def block_shape(shape: tuple[int, ...], cfg: QuantConfig) -> tuple[int, ...]:
 
 
 def num_blocks(shape: tuple[int, ...], bs: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(s // b for s, b in zip(shape, bs, strict=True))
+    """Blocks per axis, ``ceil(s / b)`` (a ragged last block counts as one)."""
+    return tuple(-(-s // b) for s, b in zip(shape, bs, strict=True))
+
+
+def is_ragged(shape: tuple[int, ...], bs: tuple[int, ...]) -> bool:
+    return any(s % b for s, b in zip(shape, bs, strict=True))
 
 
 def to_blocks(x: Array, bs: tuple[int, ...]) -> Array:
-    """``x[s0, s1, …] → x[n0, b0, n1, b1, …]``."""
+    """``x[s0, s1, …] → x[n0, b0, n1, b1, …]``; a ragged array is zero-padded to whole blocks."""
     nb = num_blocks(x.shape, bs)
+    if is_ragged(x.shape, bs):
+        x = jnp.pad(x, [(0, n * b - s) for s, n, b in zip(x.shape, nb, bs, strict=True)])
     return x.reshape(tuple(d for pair in zip(nb, bs, strict=True) for d in pair))
 
 
 def from_blocks(xb: Array, shape: tuple[int, ...]) -> Array:
-    return xb.reshape(shape)
+    """The inverse of :func:`to_blocks` (padding cut off)."""
+    flat = xb.reshape(tuple(xb.shape[i] * xb.shape[i + 1] for i in range(0, xb.ndim, 2)))
+    if flat.shape != tuple(shape):
+        flat = flat[tuple(slice(0, s) for s in shape)]
+    return flat
+
+
+def split_ragged(shape: tuple[int, ...], bs: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(axis, whole, tail)`` of an array whose blocks are ragged along one axis: elements
+    ``[:whole]`` along ``axis`` form whole blocks, the last ``tail`` one short block."""
+    axes = [i for i, (s, b) in enumerate(zip(shape, bs, strict=True)) if s % b]
+    if len(axes) != 1:
+        raise ValueError(f"block shape {bs} is ragged along {len(axes)} axes of {shape}; need 1")
+    ax = axes[0]
+    tail = shape[ax] % bs[ax]
+    return ax, shape[ax] - tail, tail
 
 
 def block_axes(ndim: int) -> tuple[int, ...]:

@@ -2,7 +2,9 @@
 
 Invariants (checked by ``QArray.check`` and the property tests):
 
-* ``shape`` is the logical shape; ``block_shape`` divides it; ``nb = shape // block_shape``.
+* ``shape`` is the logical shape; ``block_shape`` divides it, ``nb = shape // block_shape`` —
+  or, for ragged groups, leaves a remainder along one axis: ``nb = ceil(shape / block_shape)``
+  and the last block there holds only the remaining elements.
 * ``codes`` are unsigned bit patterns of ``format`` (``0 <= codes < 2**format.bits``),
   dtype ``uint8`` with shape ``shape`` — or, when ``packing = (axis, word_bits)``, the
   lossless packing of those codes along ``axis`` into ``uint{word_bits}`` words

@@ -14,6 +14,7 @@ block that holds them gets a NaN scale, so it dequantizes to NaN instead of to g
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -58,7 +59,24 @@ def quantize(x: Float[Array, "*shape"], how: QuantConfig, *, key: Array | None =
     if how.rounding == "stochastic" and key is None:
         raise ValueError("rounding='stochastic' needs a PRNG key: quantize(x, cfg, key=key)")
     bs = G.block_shape(tuple(x.shape), how)  # validates divisibility eagerly
-    return _quantize(x, how, bs, key)
+    if not G.is_ragged(tuple(x.shape), bs):
+        return _quantize(x, how, bs, key)
+    # Ragged groups: the whole blocks and the short last block, each with its own statistics.
+    ax, whole, tail = G.split_ragged(tuple(x.shape), bs)
+    tail_bs = tuple(tail if i == ax else b for i, b in enumerate(bs))
+    k1, k2 = (None, None) if key is None else tuple(jax.random.split(key))
+    parts = [_quantize(jax.lax.slice_in_dim(x, whole, x.shape[ax], axis=ax), how, tail_bs, k2)]
+    if whole:
+        parts.insert(0, _quantize(jax.lax.slice_in_dim(x, 0, whole, axis=ax), how, bs, k1))
+    cat = lambda f: jnp.concatenate([f(p) for p in parts], axis=ax)
+    return dataclasses.replace(
+        parts[0],
+        codes=cat(lambda p: p.codes),
+        scale=cat(lambda p: p.scale),
+        zero=None if parts[0].zero is None else cat(lambda p: p.zero),
+        block_shape=bs,
+        shape=tuple(x.shape),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -92,14 +92,12 @@ def anatomy(cfg, n_seq: int, seqlen: int, batch_size: int) -> dict[str, float]:
     down: d_ff = 1536). XLA drops the unused tail of a capture pass, so capture − forward
     under-counts the Hessians; these two numbers split the pass instead."""
     from harness.layers import causal_attention
-    from harness.model import default_positions
 
     key = jax.random.key(0)
     B, T = batch_size, seqlen
     q = jax.random.normal(key, (B, T, cfg.n_heads, cfg.head_dim), jnp.float32)
     kv = jax.random.normal(key, (B, T, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
-    pos = default_positions(q)
-    att = jax.jit(lambda q, k, v, p: causal_attention(q, k, v, p, scale=cfg.scale))
+    att = jax.jit(lambda q, k, v: causal_attention(q, k, v, None, scale=cfg.scale))  # in order
     hess = capture.hessian()
     dims = (cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.d_model, cfg.d_ff)
     xs = [jax.random.normal(key, (B, T, d), jnp.float32) for d in dims]
@@ -107,7 +105,7 @@ def anatomy(cfg, n_seq: int, seqlen: int, batch_size: int) -> dict[str, float]:
     states = [hess.init(d) for d in dims]
     out = {}
     for name, fn in (
-        ("attention", lambda: att(q, kv, kv, pos)),
+        ("attention", lambda: att(q, kv, kv)),
         ("hessians", lambda: upd(states, xs)),
     ):
         jax.block_until_ready(fn())

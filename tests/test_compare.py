@@ -27,9 +27,11 @@ def test_config_for_every_method(name):
     fields = {f.name for f in dataclasses.fields(cfg)}
     if "group_size" in fields:
         assert cfg.group_size == 64
-    # everything but bits / group_size stays at the paper default
+    if "ragged" in fields:  # a shorter last group where g leaves a remainder (g128 on 576)
+        assert cfg.ragged and not config_for(m, 3, None).ragged
+    # everything but bits / group_size / ragged stays at the paper default
     default = m.config()
-    for f in fields - {"bits", "group_size"}:
+    for f in fields - {"bits", "group_size", "ragged"}:
         assert getattr(cfg, f) == getattr(default, f), f
     with pytest.raises(ValueError, match="no config field"):
         config_for(m, 3, 64, not_a_field=1)

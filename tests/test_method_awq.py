@@ -197,6 +197,24 @@ def test_clip_search_takes_the_best_ratio_per_group():
         assert np.all(best <= group_err(core.apply_clip(W, amax * r)) * (1 + 1e-5))
 
 
+def test_ragged_last_group_is_searched_and_quantized_on_its_own_columns():
+    """d_in = 80 in groups of 32: two whole groups and one of 16. The groups are independent,
+    so the ragged search equals the whole part searched alone and the tail searched alone."""
+    W, X = _outlier_layer(5, d_in=80, n=64)
+    cfg = awq.AWQConfig(bits=3, group_size=32, ragged=True)
+    m = core.clip_search(W, X, cfg.quant_config(), group_size=32, ragged=True)
+    assert m.shape == (96, 3)
+    whole = core.clip_search(W[:, :64], X[:, :64], CFG.quant_config(), group_size=32)
+    tail_q = awq.AWQConfig(bits=3, group_size=16).quant_config()
+    tail = core.clip_search(W[:, 64:], X[:, 64:], tail_q, group_size=16)
+    np.testing.assert_array_equal(np.asarray(m), np.concatenate([whole, tail], axis=1))
+    res = awq.quantize_layer(W, LayerStats(X=X), cfg)
+    assert res.weight.q.nb == (96, 3)
+    assert _err(X, W, res.weight.dequantize()) <= _err(X, W, fake_quant(W, cfg.quant_config()))
+    with pytest.raises(ValueError, match="ragged=True"):
+        awq.quantize_layer(W, LayerStats(X=X), CFG)
+
+
 # ------------------------------------------------------------------------- model, jit, inputs
 
 

@@ -129,6 +129,30 @@ def test_padding_to_whole_blocks_matches_a_short_last_block():
     assert diff.max() <= 1 and np.mean(diff > 0) <= 1e-3
 
 
+RAGGED = [
+    dict(bits=3, group_size=64, sym=False),  # 200 = 3 × 64 + a last group of 8
+    dict(bits=3, group_size=128, sym=False, block_size=32),  # g > block: the last group spans 2
+    dict(bits=4, group_size=64, sym=True, act_order=True, static_groups=True),
+]
+
+
+@pytest.mark.parametrize("kw", RAGGED, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_ragged_last_group_matches_algorithm_1(kw):
+    """The reference slices ``W[:, i:i+g]``: at the last columns that is a shorter group."""
+    W, H, _ = layer(n=200)
+    cfg = GPTQConfig(**kw, ragged=True)
+    C = np.asarray(gptq(jnp.asarray(W), jnp.asarray(H), cfg)[0])
+    C = signed(C, kw["bits"]) if kw["sym"] else C.astype(np.int64)
+    diff = np.abs(C - oracle(W, H, **kw))
+    assert diff.max() <= 1 and np.mean(diff > 0) <= 1e-3, (diff.max(), np.mean(diff > 0))
+    res = quantize_layer(jnp.asarray(W), LayerStats(H=jnp.asarray(H)), cfg)
+    g = kw["group_size"]
+    assert res.weight.nb == (48, -(-200 // g)) and res.weight.shape == (48, 200)
+    res.weight.check()
+    with pytest.raises(ValueError, match="ragged=True"):
+        quantize_layer(jnp.asarray(W), LayerStats(H=jnp.asarray(H)), GPTQConfig(**kw))
+
+
 def test_qarray_is_exactly_gptqs_choice():
     W, H, _ = layer()
     cfg = GPTQConfig(bits=3, group_size=32)
@@ -235,6 +259,7 @@ def test_dtype_kept_and_registered():
         (dict(group_size=48, block_size=128), "divide"),
         (dict(group_size=0), "group_size"),
         (dict(act_order=True, group_size=64), "static_groups"),
+        (dict(ragged=True, mse_clip=True), "min-max"),
     ],
 )
 def test_bad_config(kw, msg):

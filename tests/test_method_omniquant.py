@@ -95,6 +95,33 @@ def test_straight_through_gradient_reaches_the_logits():
 # ------------------------------------------------------------------------------- training
 
 
+@given(seed=st.integers(0, 2**16), sym=st.booleans())
+def test_ragged_last_group_uses_its_own_min_and_max(seed, sym):
+    """d_in = 40 in groups of 16: two whole groups and one of 8 (edge-padded inside). Groups
+    are independent: the ragged fake quantizer equals the whole part and the tail quantized
+    apart, and the stored QArray dequantizes to it."""
+    W = jax.random.normal(jax.random.key(seed), (6, 40), jnp.float32)
+    cfg = omni.OmniQuantConfig(bits=3, group_size=16, sym=sym, ragged=True)
+    theta = jax.tree.map(
+        lambda a: a + jax.random.normal(jax.random.key(seed + 1), a.shape), core.lwc_init(W, cfg)
+    )
+    assert theta["gamma"].shape == (6, 3)
+    fq = core.lwc_fake_quant(W, theta, cfg)
+    part = lambda a, sl: {k: v[:, sl] for k, v in a.items()}
+    whole = core.lwc_fake_quant(
+        W[:, :32], part(theta, slice(0, 2)), omni.OmniQuantConfig(bits=3, group_size=16, sym=sym)
+    )
+    tail = core.lwc_fake_quant(
+        W[:, 32:], part(theta, slice(2, 3)), omni.OmniQuantConfig(bits=3, group_size=8, sym=sym)
+    )
+    np.testing.assert_array_equal(np.asarray(fq), np.concatenate([whole, tail], axis=1))
+    qa = core.lwc_quantize(W, theta, cfg)
+    assert qa.nb == (6, 3)
+    np.testing.assert_allclose(np.asarray(qa.dequantize()), np.asarray(fq), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="ragged=True"):
+        core.lwc_init(W, omni.OmniQuantConfig(bits=3, group_size=16))
+
+
 def test_layer_loss_decreases_and_ends_below_minmax():
     W, X = _layer(1)
     cfg = omni.OmniQuantConfig(bits=3, group_size=32, epochs=10, layer_steps=16)

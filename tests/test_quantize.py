@@ -268,6 +268,7 @@ def test_nan_under_jit_poisons_only_its_block():
         (dict(granularity="group", group_size=0), "group_size"),
         (dict(format="int4", zero_point=True, scale_kind="pow2"), "power-of-two"),
         (dict(percentile=0.0), "percentile"),
+        (dict(granularity="channel", ragged=True), "ragged"),
         (dict(format="bipolar2", scale_kind="pow2"), "2\\^emax"),
     ],
 )
@@ -284,3 +285,59 @@ def test_qarray_invariants_hold(data):
     qa.check()
     leaves = jax.tree_util.tree_leaves(qa)
     assert all(isinstance(leaf, jax.Array) for leaf in leaves)
+
+
+@given(
+    data=st.data(),
+    g=st.sampled_from([3, 4, 8]),
+    n_whole=st.integers(0, 3),
+    rng=st.sampled_from(["minmax", "mse", "percentile"]),
+    fmt=st.sampled_from(["int3", "int4", "nf4", "fp4_e2m1"]),
+    axis=st.sampled_from([-1, 0]),
+)
+def test_ragged_groups_equal_whole_groups_and_tail_quantized_apart(
+    data, g, n_whole, rng, fmt, axis
+):
+    """A ragged last group has statistics of its own elements only: the result equals the whole
+    groups and the tail quantized as two separate arrays (exactly, for every range method —
+    "mse" and "percentile" would change if the zero padding reached the statistics)."""
+    tail = data.draw(st.integers(1, g - 1))
+    n = n_whole * g + tail
+    shape = (3, n) if axis == -1 else (n, 3)
+    x = jnp.asarray(data.draw(arrays(shape)))
+    zp = fmt.startswith("int") and data.draw(st.booleans())
+    cfg = QuantConfig(
+        format=fmt,
+        granularity="group",
+        group_size=g,
+        axis=axis,
+        ragged=True,
+        zero_point=zp,
+        range=rng,
+    )
+    qa = quantize(x, cfg)
+    qa.check()
+    ax = axis % 2
+    assert qa.nb[ax] == n_whole + 1 and qa.scale_array().shape == qa.nb
+    split = lambda a, lo, hi: jax.lax.slice_in_dim(a, lo, hi, axis=ax)
+    parts = [quantize(split(x, n - tail, n), dataclasses.replace(cfg, group_size=tail))]
+    if n_whole:
+        parts.insert(0, quantize(split(x, 0, n - tail), dataclasses.replace(cfg, ragged=False)))
+    want = jnp.concatenate([p.dequantize() for p in parts], axis=ax)
+    np.testing.assert_array_equal(np.asarray(qa.dequantize()), np.asarray(want))
+    jitted = jax.jit(lambda a: quantize(a, cfg).dequantize())(x)
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(want))
+
+
+def test_ragged_g128_on_576_features_counts_five_scales_per_row():
+    from numerics import bits_per_weight
+
+    x = jax.random.normal(jax.random.key(0), (4, 576), jnp.float32)
+    with pytest.raises(ValueError, match="ragged=True"):
+        quantize(x, rtn(3, group_size=128, sym=False))
+    qa = quantize(x, rtn(3, group_size=128, sym=False, ragged=True, scale_dtype="float16"))
+    assert qa.nb == (4, 5) and qa.block_shape == (1, 128)
+    # 3-bit codes + a float16 scale and a 3-bit zero point per group: 5 groups per 576 columns
+    assert bits_per_weight(qa) == pytest.approx(3 + 5 * (16 + 3) / 576)
+    packed = qa.pack()
+    np.testing.assert_array_equal(np.asarray(packed.dequantize()), np.asarray(qa.dequantize()))

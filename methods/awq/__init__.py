@@ -46,7 +46,7 @@ from harness.model import (
 from methods import checkpoint
 from methods.awq import core
 from methods.awq.core import AWQConfig, ScaledQArray, quantize_layer
-from methods.base import Method, QuantizedModel, register
+from methods.base import Method, QuantizedModel, group_view, register
 from methods.walk import layer_stats, quantized_model
 from numerics.quantize import quantize
 from numerics.sparse import weight_bits
@@ -95,7 +95,9 @@ def _search_group(sub, s_X, xs, *, kind, cfg, layer, names, qcfg, n_grid):
 
 
 _clip_search = jax.jit(
-    core.clip_search, static_argnums=2, static_argnames=("group_size", "n_grid", "max_shrink")
+    core.clip_search,
+    static_argnums=2,
+    static_argnames=("group_size", "ragged", "n_grid", "max_shrink"),
 )
 
 
@@ -229,10 +231,12 @@ def awq_block(
                     X,
                     qcfg,
                     group_size=cfg.group_size,
+                    ragged=cfg.ragged,
                     n_grid=cfg.clip_grid,
                     max_shrink=cfg.clip_max_shrink,
                 )
-                amax = jnp.max(jnp.abs(W.reshape(m.shape + (-1,))), axis=-1)
+                Wg = group_view(W, cfg.group_size, ragged=cfg.ragged, who="AWQ")
+                amax = jnp.max(jnp.abs(Wg), axis=-1)
                 row["clip_ratio"] = float(jnp.mean(m / jnp.maximum(amax, 1e-30)))
                 W = core.apply_clip(W, m)
             qa = quantize(W, qcfg)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from methods.base import LayerResult, LayerStats, check_bits, check_group
+from methods.base import LayerResult, LayerStats, check_bits, check_group, group_view, ungroup
 from numerics.config import QuantConfig, rtn
 from numerics.packing import bits_per_weight
 from numerics.qarray import QArray
@@ -57,6 +57,7 @@ class AWQConfig:
     clip_n_tokens: int = 512  # about this many input rows (evenly strided) for the clip search
     scale_dtype: str = "float16"  # storage dtype of the quantization scales
     propagate: str = "fp"  # model walk: next block sees "fp" outputs (repo) or "quantized" ones
+    ragged: bool = False  # allow a shorter last group when group_size does not divide in-features
 
     def __post_init__(self):
         check_bits(self.bits, (2, 3, 4, 8) if self.sym else (1, 2, 3, 4, 8), "AWQ")
@@ -76,7 +77,11 @@ class AWQConfig:
 
     def quant_config(self) -> QuantConfig:
         return rtn(
-            self.bits, group_size=self.group_size, sym=self.sym, scale_dtype=self.scale_dtype
+            self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            scale_dtype=self.scale_dtype,
+            ragged=self.ragged and self.group_size is not None,
         )
 
 
@@ -142,31 +147,29 @@ def search_alpha(loss_of_s, s_X: Float[Array, " d_in"], n_grid: int):
     return awq_scales(s_X, alphas[i]), alphas[i], losses
 
 
-def _groups(d_in: int, group_size: int | None) -> int:
-    return 1 if group_size is None else d_in // group_size
-
-
 def clip_search(
     W: Float[Array, "out in"],
     X: Float[Array, "n in"],
     qcfg: QuantConfig,
     *,
     group_size: int | None,
+    ragged: bool = False,
     n_grid: int = 20,
     max_shrink: float = 0.5,
 ) -> Float[Array, "out n_groups"]:
     """Per (output channel, input group) clip value ``m`` minimising the group's partial output
-    error ``mean_n (Σ_k x_nk (Q(clamp(w, −m, m))_k − w_k))²`` (repo ``auto_clip_layer``)."""
-    out, d_in = W.shape
-    ng = _groups(d_in, group_size)
-    g = d_in // ng
-    Wg = W.astype(jnp.float32).reshape(out, ng, g)
-    Xg = X.astype(jnp.float32).reshape(X.shape[0], ng, g)
+    error ``mean_n (Σ_k x_nk (Q(clamp(w, −m, m))_k − w_k))²`` (repo ``auto_clip_layer``).
+    A ragged last group is zero-padded in both ``W`` and ``X``: its range and error are exact."""
+    out, _ = W.shape
+    Wg = group_view(W, group_size, ragged=ragged, who="AWQ")
+    Xg = group_view(X, group_size, ragged=ragged, who="AWQ")
+    ng, g = Wg.shape[1:]
     amax = jnp.max(jnp.abs(Wg), axis=-1)  # [out, ng]
+    qpad = qcfg.replace(ragged=False)  # the padded view has whole groups
 
     def err(m):
         Wc = jnp.clip(Wg, -m[..., None], m[..., None])
-        D = fake_quant(Wc.reshape(out, d_in), qcfg).reshape(out, ng, g) - Wg
+        D = fake_quant(Wc.reshape(out, ng * g), qpad).reshape(out, ng, g) - Wg
         e = jnp.einsum("ngk,ogk->ogn", Xg, D, precision=_HI)
         return jnp.mean(jnp.square(e), axis=-1)
 
@@ -185,11 +188,10 @@ def clip_search(
 def apply_clip(
     W: Float[Array, "out in"], m: Float[Array, "out n_groups"]
 ) -> Float[Array, "out in"]:
-    """``clamp(w, −m, m)`` per (output channel, input group)."""
-    out, d_in = W.shape
-    ng = m.shape[1]
-    Wg = W.reshape(out, ng, d_in // ng)
-    return jnp.clip(Wg, -m[..., None], m[..., None]).reshape(out, d_in).astype(W.dtype)
+    """``clamp(w, −m, m)`` per (output channel, input group; the last may be shorter)."""
+    d_in = W.shape[1]
+    Wg = group_view(W, -(-d_in // m.shape[1]), ragged=True, who="AWQ")
+    return ungroup(jnp.clip(Wg, -m[..., None], m[..., None]), d_in).astype(W.dtype)
 
 
 def clip_rows(X: Float[Array, "n in"], n_tokens: int) -> Float[Array, "k in"]:
@@ -201,8 +203,11 @@ def _check(W, stats: LayerStats, cfg: AWQConfig):
     check_input(W, "AWQ")
     if W.ndim != 2:
         raise ValueError(f"AWQ: W must be [out, in], got shape {tuple(W.shape)}")
-    if cfg.group_size is not None and W.shape[1] % cfg.group_size:
-        raise ValueError(f"AWQ: group_size {cfg.group_size} does not divide d_in = {W.shape[1]}")
+    if cfg.group_size is not None and W.shape[1] % cfg.group_size and not cfg.ragged:
+        raise ValueError(
+            f"AWQ: group_size {cfg.group_size} does not divide d_in = {W.shape[1]}; "
+            "pass ragged=True for a shorter last group"
+        )
     if stats.X is None:
         raise ValueError("AWQ needs LayerStats.X (calibration input rows) for its output error")
     check_input(stats.X, "AWQ (LayerStats.X)")
@@ -242,6 +247,7 @@ def _awq_layer(W, X, s_X, cfg: AWQConfig):
             Xs,
             qcfg,
             group_size=cfg.group_size,
+            ragged=cfg.ragged,
             n_grid=cfg.clip_grid,
             max_shrink=cfg.clip_max_shrink,
         )

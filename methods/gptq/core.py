@@ -31,7 +31,9 @@ Details as in the reference:
   per-channel (``group_size=None``): from the original ``W`` (the reference's first
   ``find_params``);
 * ``mse_clip``: the group parameters come from the ``numerics`` "mse" range (the reference's
-  ``find_params(mse=True)``: shrink grid 100, max shrink 0.8, norm 2.4).
+  ``find_params(mse=True)``: shrink grid 100, max shrink 0.8, norm 2.4);
+* ``ragged``: a group size that leaves a remainder (g128 on SmolLM2's 576 features) gives a
+  shorter last group, as the reference's ``W[:, i:i+groupsize]`` slice does at the last columns.
 
 Differences from the reference, on purpose:
 
@@ -77,6 +79,7 @@ class GPTQConfig:
     mse_clip: bool = False  # MSE grid search of each group's clipping range
     true_sequential: bool = True  # q/k/v → o → gate/up → down inside a block (the walk's order)
     scale_dtype: str = "float16"  # stored scales (the paper counts 16-bit scales)
+    ragged: bool = False  # allow a shorter last group when group_size does not divide in-features
 
     def __post_init__(self):
         check_bits(self.bits, (2, 3, 4, 8) if self.sym else (1, 2, 3, 4, 8), "GPTQ")
@@ -88,6 +91,11 @@ class GPTQConfig:
         g, b = self.group_size, self.block_size
         if g is not None and g % b and b % g:
             raise ValueError(f"GPTQ: block_size {b} and group_size {g} must divide one another")
+        if self.ragged and self.mse_clip:
+            raise ValueError(
+                "GPTQ: ragged groups need the min-max range (a zero-padded last group would "
+                "change the MSE clip search); drop mse_clip or ragged"
+            )
         if self.act_order and g is not None and not self.static_groups:
             raise ValueError(
                 "GPTQ: act_order with group_size needs static_groups=True (QArray groups are "
@@ -106,6 +114,7 @@ class GPTQConfig:
             sym=self.sym,
             scale_dtype=self.scale_dtype,
             range="mse" if self.mse_clip else "minmax",
+            ragged=self.ragged and self.group_size is not None,
         )
 
 
@@ -170,16 +179,17 @@ def gptq(
     if cfg.group_size is None:
         S0, Z0 = _params(W0, n, how)
     else:
-        S0, Z0 = _params(W, g, how)
-    S0, Z0 = _per_column(S0, g), _per_column(Z0, g)
+        S0, Z0 = _params(W, g, how)  # a ragged last group is zero-padded: min-max includes 0
+    S0, Z0 = _per_column(S0, g)[:, :n], _per_column(Z0, g)[:, :n]
 
     perm = jnp.argsort(-jnp.diag(H), stable=True) if cfg.act_order else jnp.arange(n)
     W, H, S0, Z0 = W[:, perm], H[perm][:, perm], S0[:, perm], Z0[:, perm]
 
-    # Pad to whole blocks: padded columns are zero with identity Hessian rows, so they are
-    # decoupled from the real ones (U is block diagonal there) and quantize to exact zeros.
+    # Pad to whole blocks and groups: padded columns are zero with identity Hessian rows, so
+    # they are decoupled from the real ones (U is block diagonal there) and quantize to exact
+    # zeros; a ragged last group's min-max range is unchanged by them (it always includes 0).
     B = min(cfg.block_size, n)
-    pad = -n % B
+    pad = -n % max(B, g if cfg.group_size else 1)
     m = n + pad
     U = inverse_hessian_factor(H, cfg.percdamp)
     U = jnp.pad(U, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(m) >= n).astype(jnp.float32))
@@ -263,8 +273,11 @@ def quantize_layer(
     check_input(stats.H, "GPTQ Hessian")
     if stats.H.shape != (n, n):
         raise ValueError(f"GPTQ: H has shape {tuple(stats.H.shape)}, expected ({n}, {n})")
-    if cfg.group_size is not None and n % cfg.group_size:
-        raise ValueError(f"GPTQ: group_size {cfg.group_size} does not divide in-features {n}")
+    if cfg.group_size is not None and n % cfg.group_size and not cfg.ragged:
+        raise ValueError(
+            f"GPTQ: group_size {cfg.group_size} does not divide in-features {n}; "
+            "pass ragged=True for a shorter last group"
+        )
     C, S, Z, loss = gptq(W, stats.H, cfg)
     g = cfg.group_size or n
     how = cfg.quant_config()

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float
 
-from methods.base import LayerResult, LayerStats, check_bits, check_group
+from methods.base import LayerResult, LayerStats, check_bits, check_group, group_view, ungroup
 from numerics.config import np_scale_dtype
 from numerics.formats import IntFormat
 from numerics.qarray import QArray
@@ -65,6 +65,7 @@ class OmniQuantConfig:
     layer_batch_rows: int = 256  # quantize_layer: calibration rows per step …
     layer_steps: int = 128  # … and steps per epoch (the repo's 128 samples at batch size 1)
     scale_dtype: str = "float16"  # storage dtype of the steps h
+    ragged: bool = False  # allow a shorter last group when group_size does not divide in-features
 
     def __post_init__(self):
         check_bits(self.bits, (2, 3, 4, 8), "OmniQuant")
@@ -89,24 +90,22 @@ def _ste(x: Array, y: Array) -> Array:
     return x + jax.lax.stop_gradient(y - x)
 
 
-def _blocks(W: Float[Array, "out in"], group_size: int | None) -> Float[Array, "out ng g"]:
-    out, d_in = W.shape
-    g = d_in if group_size is None else group_size
-    if d_in % g:
-        raise ValueError(f"OmniQuant: group_size {g} does not divide d_in = {d_in}")
-    return W.astype(jnp.float32).reshape(out, d_in // g, g)
+def _blocks(W: Float[Array, "out in"], cfg: OmniQuantConfig) -> Float[Array, "out ng g"]:
+    """Groups of ``W``; a ragged last group is padded with copies of the last column, so its
+    min and max — all that eq. (2) reads — are its own."""
+    return group_view(W, cfg.group_size, ragged=cfg.ragged, who="OmniQuant", pad="edge")
 
 
 def lwc_init(W: Float[Array, "out in"], cfg: OmniQuantConfig) -> dict[str, Array]:
     """Logits ``{"gamma": γ̃, "beta": β̃}`` of shape [out, n_groups], all ``cfg.init_logit``."""
-    out, ng, _ = _blocks(W, cfg.group_size).shape
+    out, ng, _ = _blocks(W, cfg).shape
     full = jnp.full((out, ng), cfg.init_logit, jnp.float32)
     return {"gamma": full, "beta": full}
 
 
 def lwc_step(W: Float[Array, "out in"], theta: dict[str, Array], cfg: OmniQuantConfig):
     """Per-group step ``h`` and zero point ``z`` (None when symmetric), eq. (2), each [out, ng]."""
-    Wb = _blocks(W, cfg.group_size)
+    Wb = _blocks(W, cfg)
     hi = jax.nn.sigmoid(theta["gamma"]) * jnp.max(Wb, axis=-1)
     lo = jax.nn.sigmoid(theta["beta"]) * jnp.min(Wb, axis=-1)
     fmt = cfg.fmt
@@ -123,26 +122,26 @@ def lwc_fake_quant(
     W: Float[Array, "out in"], theta: dict[str, Array], cfg: OmniQuantConfig
 ) -> Float[Array, "out in"]:
     """``Ŵ`` of eq. (2) with straight-through rounding: differentiable in ``theta``."""
-    Wb = _blocks(W, cfg.group_size)
+    Wb = _blocks(W, cfg)
     h, z = lwc_step(W, theta, cfg)
     y = Wb / h[..., None]
     q = _ste(y, jnp.round(y))
     fmt = cfg.fmt
     if z is None:
-        return (jnp.clip(q, fmt.qmin, fmt.qmax) * h[..., None]).reshape(W.shape)
+        return ungroup(jnp.clip(q, fmt.qmin, fmt.qmax) * h[..., None], W.shape[1])
     q = jnp.clip(q + z[..., None], fmt.qmin, fmt.qmax)
-    return ((q - z[..., None]) * h[..., None]).reshape(W.shape)
+    return ungroup((q - z[..., None]) * h[..., None], W.shape[1])
 
 
 def lwc_quantize(
     W: Float[Array, "out in"], theta: dict[str, Array], cfg: OmniQuantConfig
 ) -> QArray:
     """The stored ``QArray`` of the learned clipping: ``dequantize()`` equals ``lwc_fake_quant``."""
-    Wb = _blocks(W, cfg.group_size)
+    Wb = _blocks(W, cfg)
     h, z = lwc_step(W, theta, cfg)
     fmt = cfg.fmt
     q = jnp.round(Wb / h[..., None]) + (0.0 if z is None else z[..., None])
-    codes = fmt.encode(q).reshape(W.shape)
+    codes = ungroup(fmt.encode(q), W.shape[1])
     return QArray(
         codes=codes,
         scale=h.astype(np_scale_dtype(cfg.scale_dtype)),
@@ -195,7 +194,7 @@ def quantize_layer(
     check_input(W, "OmniQuant")
     if W.ndim != 2:
         raise ValueError(f"OmniQuant: W must be [out, in], got shape {tuple(W.shape)}")
-    _blocks(W, cfg.group_size)  # validates the grouping
+    _blocks(W, cfg)  # validates the grouping
     if stats.X is None:
         raise ValueError("OmniQuant needs LayerStats.X (calibration input rows) for its objective")
     check_input(stats.X, "OmniQuant (LayerStats.X)")

@@ -24,6 +24,7 @@ class RTNConfig:
     sym: bool = False  # False: unsigned codes + zero point (the GPTQ/AWQ papers' RTN)
     mse_clip: bool = False  # grid-search the clipping ratio per group
     scale_dtype: str = "float16"  # scales are stored as fp16, as the papers count them
+    ragged: bool = False  # allow a shorter last group when group_size does not divide in-features
 
     def __post_init__(self):
         check_bits(self.bits, (2, 3, 4, 8) if self.sym else (1, 2, 3, 4, 8), "RTN")
@@ -36,6 +37,7 @@ class RTNConfig:
             sym=self.sym,
             scale_dtype=self.scale_dtype,
             range="mse" if self.mse_clip else "minmax",
+            ragged=self.ragged and self.group_size is not None,
         )
 
 
