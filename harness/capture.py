@@ -145,8 +145,8 @@ def _shared_layer(model: Model, i: int) -> int:
 def _stats_step(
     model: Model, i: int, leaders: tuple[str, ...], accs: tuple[tuple[str, Accumulator], ...]
 ):
-    def step(states, block_params, h, mix):
-        _, ins = model.apply_block(block_params, i, h, capture=True, mix=mix)
+    def step(states, block_params, h, mix, down_in):
+        _, ins = model.apply_block(block_params, i, h, capture=True, mix=mix, down_in=down_in)
         return {ld: {k: acc.update(states[ld][k], ins[ld]) for k, acc in accs} for ld in leaders}
 
     return jax.jit(step)
@@ -154,17 +154,15 @@ def _stats_step(
 
 @functools.lru_cache(maxsize=256)
 def _block_fn(model: Model, i: int):
-    return jax.jit(lambda bp, h, mix: model.apply_block(bp, i, h, mix=mix))
+    return jax.jit(
+        lambda bp, h, mix, down_in: model.apply_block(bp, i, h, mix=mix, down_in=down_in)
+    )
 
 
 @functools.lru_cache(maxsize=256)
-def _mix_fn(model: Model, i: int):
-    """The attention heads' output (o_proj's input) alone; XLA drops the MLP."""
-    return jax.jit(
-        lambda bp, h: model.apply_block(bp, i, h, capture=True)[1][
-            "attn.o_proj"
-        ]
-    )
+def _input_fn(model: Model, i: int, name: str):
+    """The input of linear ``name`` alone (XLA drops what comes after it)."""
+    return jax.jit(lambda bp, h, mix: model.apply_block(bp, i, h, capture=True, mix=mix)[1][name])
 
 
 def _input_dims(cfg: ModelConfig) -> dict[str, int]:
@@ -175,6 +173,11 @@ def _input_dims(cfg: ModelConfig) -> dict[str, int]:
 
 
 _QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+
+def _part(a: Array | None, sl: slice) -> Array | None:
+    return None if a is None else a[sl]
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -192,10 +195,13 @@ def block_stats(
     names: tuple[str, ...] | None = None,
     batch_size: int = 8,
     mix: Float[Array, "n t e"] | None = None,
+    down_in: Float[Array, "n t f"] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Statistics of the inputs of block ``i``'s linears ``names`` (block-relative; default all),
     streamed over micro-batches of ``batch_size`` sequences. ``mix``: cached attention output
-    (see :meth:`BlockCalibration.cache_attention`); q/k/v statistics are then unavailable."""
+    (see :meth:`BlockCalibration.cache_attention`); q/k/v statistics are then unavailable.
+    ``down_in``: cached down_proj input (:meth:`BlockCalibration.cache_down_input`); likewise
+    gate/up's."""
     names = BLOCK_LINEARS if names is None else tuple(names)
     unknown = set(names) - set(BLOCK_LINEARS)
     if unknown:
@@ -209,6 +215,11 @@ def block_stats(
             f"the attention output is cached, so the inputs of {_QKV} are not recomputed; "
             "capture them before cache_attention"
         )
+    if down_in is not None and set(names) & set(_QKV + _GATE_UP):
+        raise ValueError(
+            f"down_proj's input is cached, so the inputs of {_QKV + _GATE_UP} are not "
+            "recomputed; capture them before cache_down_input"
+        )
     groups = _leaders(model.cfg, names)
     if not groups:
         return {}
@@ -217,7 +228,7 @@ def block_stats(
     states = {ld: {k: acc.init(dims[ld]) for k, acc in accs} for ld in groups}
     step = _stats_step(model, _shared_layer(model, i), tuple(groups), accs)
     for sl in _batches(inputs.shape[0], batch_size):
-        states = step(states, block_params, inputs[sl], None if mix is None else mix[sl])
+        states = step(states, block_params, inputs[sl], _part(mix, sl), _part(down_in, sl))
     return {n: states[ld] for ld, members in groups.items() for n in members}
 
 
@@ -233,6 +244,7 @@ class BlockCalibration(Mapping):
     batch_size: int
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     mix: Float[Array, "n t e"] | None = None  # cached attention output (cache_attention)
+    down_in: Float[Array, "n t f"] | None = None  # cached down_proj input (cache_down_input)
 
     def __getitem__(self, name: str) -> dict[str, Any]:
         try:
@@ -260,6 +272,7 @@ class BlockCalibration(Mapping):
             names=names,
             batch_size=self.batch_size,
             mix=self.mix,
+            down_in=self.down_in,
         )
         self.stats.update(new)
         return new
@@ -273,21 +286,30 @@ class BlockCalibration(Mapping):
         recomputed for o_proj, gate/up, down and the block output (the reference recomputes the
         whole block for each). Valid only while q/k/v and the attention norms stay as given.
         """
-        f = _mix_fn(self.model, _shared_layer(self.model, self.layer))
-        self.mix = jnp.concatenate(
-            [
-                f(block_params, self.inputs[sl])
-                for sl in _batches(self.inputs.shape[0], self.batch_size)
-            ],
-            axis=0,
-        )
+        self.mix = self._input_of("attn.o_proj", block_params)
+
+    def cache_down_input(self, block_params: Any) -> None:
+        """Compute down_proj's input ``act(gate(x))·up(x)`` once with ``block_params``'s o_proj,
+        gate/up and norms (after :meth:`cache_attention`), and reuse it in every later
+        :meth:`recapture` / :meth:`outputs`: the true-sequential order's last group then needs
+        no second gate/up pass for the block output. Holds ``n × t × d_ff`` floats."""
+        if self.mix is None:
+            raise ValueError("cache_attention first: down_proj's input is computed from it")
+        self.down_in = self._input_of("mlp.down_proj", block_params)
+
+    def _input_of(self, name: str, block_params: Any) -> Array:
+        f = _input_fn(self.model, _shared_layer(self.model, self.layer), name)
+        parts = [
+            f(block_params, self.inputs[sl], _part(self.mix, sl))
+            for sl in _batches(self.inputs.shape[0], self.batch_size)
+        ]
+        return jnp.concatenate(parts, axis=0)
 
     def outputs(self, block_params: Any) -> Float[Array, "n t d"]:
         """Block outputs for all calibration inputs, with ``block_params``."""
         f = _block_fn(self.model, _shared_layer(self.model, self.layer))
-        mix = self.mix
         parts = [
-            f(block_params, self.inputs[sl], None if mix is None else mix[sl])
+            f(block_params, self.inputs[sl], _part(self.mix, sl), _part(self.down_in, sl))
             for sl in _batches(self.inputs.shape[0], self.batch_size)
         ]
         return jnp.concatenate(parts, axis=0)

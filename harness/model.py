@@ -333,8 +333,12 @@ class Attention(_Seamed):
 
 class MLP(_Seamed):
     @nn.compact
-    def __call__(self, x: Float[Array, "b t d"]) -> Array:
+    def __call__(self, x: Float[Array, "b t d"], down_in: Array | None = None) -> Array:
+        """``down_in``: down_proj's input computed earlier with the same gate/up weights — then
+        only down_proj runs (calibration reuses it; see ``apply_block``)."""
         c = self.cfg
+        if down_in is not None:
+            return self._lin("down_proj", down_in, c.d_model)
         act = glu_activation(c.mlp_activation)
         g = self._lin("gate_proj", x, c.d_ff)
         u = self._lin("up_proj", x, c.d_ff)
@@ -351,6 +355,7 @@ class Block(_Seamed):
         h: Float[Array, "b t d"],
         positions: Int[Array, "b t"] | None,
         mix: Array | None = None,
+        down_in: Array | None = None,
     ) -> Array:
         c = self.cfg
         a = Attention(c, self.layer, self.hooks, "attn.", name="attn")(
@@ -359,7 +364,7 @@ class Block(_Seamed):
         if c.post_norms:
             a = self._norm("attn_post_norm", a)
         h = h + a
-        m = MLP(c, self.layer, self.hooks, "mlp.", name="mlp")(self._norm("mlp_norm", h))
+        m = MLP(c, self.layer, self.hooks, "mlp.", name="mlp")(self._norm("mlp_norm", h), down_in)
         if c.post_norms:
             m = self._norm("mlp_post_norm", m)
         return h + m
@@ -407,19 +412,22 @@ class Model:
         *,
         capture: bool = False,
         mix: Array | None = None,
+        down_in: Array | None = None,
     ):
         """Block ``i`` on ``h`` with its own params. With ``capture=True`` also returns the input
         of every linear that ran: ``{"attn.q_proj": x, ..., "mlp.down_proj": x}`` (before
         act_quant). ``mix`` ``[b, t, n_heads·head_dim]``: the attention heads' output (o_proj's
         captured input) from an earlier call with the same q/k/v/norm weights; q/k/v and the
         attention itself are then skipped (and not captured) — the block's result is unchanged.
+        ``down_in`` ``[b, t, d_ff]``: likewise down_proj's input (gate/up and the activation
+        are skipped)
         ``positions=None`` (the default) means in order, ``0 … t-1``: the same result as
         ``default_positions(h)``, through the faster chunked attention."""
         mod = self.block_module(i)
         if not capture:
-            return mod.apply({"params": block_params}, h, positions, mix)
+            return mod.apply({"params": block_params}, h, positions, mix, down_in)
         out, state = mod.apply(
-            {"params": block_params}, h, positions, mix, mutable=["linear_inputs"]
+            {"params": block_params}, h, positions, mix, down_in, mutable=["linear_inputs"]
         )
         ins = state["linear_inputs"]
         return out, {n: v[0] for n in BLOCK_LINEARS if (v := _maybe(ins, n)) is not None}

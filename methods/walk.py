@@ -7,9 +7,10 @@ groups were quantized), and the *quantized* block's outputs feed the next block.
 group's inputs are captured up front; once q/k/v are quantized the attention output is computed
 once and reused for the later groups and the block output (``BlockCalibration.cache_attention``):
 the same numbers as GPTQ's reference, which re-runs the whole block per group, with one attention
-pass per block instead of five. Each linear is
-handed to ``layer_fn(W, LayerStats, cfg, key=...)`` (a method's pure core) and its float
-weight leaf is replaced by the returned quantized leaf.
+pass per block instead of five; likewise down_proj's input once gate/up are quantized
+(``cache_down_input``), so gate/up run once more for it and not again for the block output.
+Each linear is handed to ``layer_fn(W, LayerStats, cfg, key=...)`` (a method's pure core) and
+its float weight leaf is replaced by the returned quantized leaf.
 
 Resumable runs: with ``checkpoint_dir`` every finished block is saved (packed codes, orbax;
 ``methods.checkpoint``); a rerun with the same inputs loads the finished blocks, only runs them
@@ -150,6 +151,8 @@ def quantize_sequential(
             if gi > 0 and accs:
                 if gi == 1:  # q/k/v are final: the attention output is too (see module doc)
                     calib.cache_attention(bp)
+                if gi == 3:  # o and gate/up are final: so is down's input
+                    calib.cache_down_input(bp)
                 calib.recapture(bp, group)
             for rel in group:
                 name = f"blocks.{i}.{rel}"

@@ -5,10 +5,11 @@ The real walk (``methods.gptq.quantize_model``: true-sequential, one block at a 
 with light wrappers around ``harness.capture.block_stats`` (the four capture passes: q/k/v's
 input, then — after the previous groups are quantized — o, gate/up and down's inputs, each
 reduced to Hessians), ``BlockCalibration.cache_attention`` (the one attention pass per block,
-after q/k/v are quantized) and ``BlockCalibration.outputs`` (the quantized block's forward that
-feeds the next block, reusing the cached attention); the column solves are the per-layer
-seconds of the walk's report. Every jitted function
-is compiled first by a warm-up run on one micro-batch (compilation is reported apart).
+after q/k/v are quantized), ``BlockCalibration.cache_down_input`` (down_proj's input, once
+gate/up are quantized) and ``BlockCalibration.outputs`` (the quantized block's forward that feeds
+the next block, reusing both caches); the column solves are the per-layer seconds of the walk's
+report. Every jitted function is compiled first by a warm-up run on one micro-batch (compilation
+is reported apart).
 
 Blocks of SmolLM2 are identical in shape, and all calibration costs are linear in the number of
 tokens, so a run on ``--blocks`` blocks and ``--n-samples`` segments extrapolates to 30 blocks
@@ -49,6 +50,7 @@ def timed_capture(acc: dict[str, float]):
     """Accumulate wall time of the capture, attention and block-output passes into ``acc``."""
     BC = capture.BlockCalibration
     stats, outputs, attention = capture.block_stats, BC.outputs, BC.cache_attention
+    down_in = BC.cache_down_input
 
     def clocked(key, fn):
         t, c = time.perf_counter(), time.process_time()
@@ -63,14 +65,19 @@ def timed_capture(acc: dict[str, float]):
     def attention_t(self, bp):
         clocked("attention", lambda: (attention(self, bp), self.mix)[1])
 
+    def down_in_t(self, bp):
+        clocked("down_in", lambda: (down_in(self, bp), self.down_in)[1])
+
     def outputs_t(self, bp):
         return clocked("outputs", lambda: outputs(self, bp))
 
     capture.block_stats, BC.outputs, BC.cache_attention = stats_t, outputs_t, attention_t
+    BC.cache_down_input = down_in_t
     try:
         yield acc
     finally:
         capture.block_stats, BC.outputs, BC.cache_attention = stats, outputs, attention
+        BC.cache_down_input = down_in
 
 
 def eval_forward(cfg, params, tokens, batch_size: int) -> tuple[float, float]:
@@ -124,7 +131,8 @@ def gptq_run(cfg, params, tokens, gcfg, batch_size: int):
         total = time.perf_counter() - t
     acc["solves"] = sum(r["seconds"] for r in qm.report)
     acc["total"] = total
-    acc["other"] = total - acc["capture"] - acc["attention"] - acc["outputs"] - acc["solves"]
+    passes = ("capture", "attention", "down_in", "outputs")
+    acc["other"] = total - sum(acc[k] for k in passes) - acc["solves"]
     return dict(acc), qm
 
 
@@ -186,12 +194,14 @@ def main() -> None:
     out["walk_load"] = os.getloadavg()
     per_block = {k: v / L for k, v in acc.items()}
     tok_s = lambda sec_per_block: n_tok / (sec_per_block * cfg.n_layers)  # whole-model tokens/s
-    cal_ts = per_block["capture"] + per_block["attention"] + per_block["outputs"]
-    cal_cpu = sum(per_block[k + "_cpu"] for k in ("capture", "attention", "outputs"))
+    passes = ("capture", "attention", "down_in", "outputs")
+    cal_ts = sum(per_block[k] for k in passes)
+    cal_cpu = sum(per_block[k + "_cpu"] for k in passes)
     rows = [
         ("attention pass (q/k/v quantized, cached)", per_block["attention"]),
         ("4 capture passes (partial forward + Hessians)", per_block["capture"]),
-        ("block output (reuses the cached attention)", per_block["outputs"]),
+        ("down_proj input pass (gate/up quantized, cached)", per_block["down_in"]),
+        ("block output (reuses both caches)", per_block["outputs"]),
         ("column solves (7 linears)", per_block["solves"]),
         ("other (embedding, bookkeeping)", per_block["other"]),
     ]

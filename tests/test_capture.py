@@ -202,6 +202,23 @@ def test_cached_attention_equals_rerunning_the_block(cfg):
         )
         with pytest.raises(ValueError, match="cached"):
             calib.recapture(changed, ("attn.k_proj",))
+        # down_proj's input cached too: its statistics and the outputs are still the same
+        calib.cache_down_input(changed)
+        again = set_param(changed, "mlp.down_proj", get_param(changed, "mlp.down_proj") * 0.5)
+        down = calib.recapture(again, ("mlp.down_proj",))
+        fresh = plain.recapture(again, ("mlp.down_proj",))
+        for k in ACCS:
+            for x, y in zip(
+                jax.tree.leaves(down["mlp.down_proj"][k]),
+                jax.tree.leaves(fresh["mlp.down_proj"][k]),
+                strict=True,
+            ):
+                np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(calib.outputs(again)), np.asarray(plain.outputs(again)), rtol=1e-5, atol=1e-6
+        )
+        with pytest.raises(ValueError, match="cached"):
+            calib.recapture(again, ("mlp.up_proj",))
         seen.append(i)
         return changed
 
