@@ -299,6 +299,11 @@ def qarray_fields(qa) -> tuple[Array, Array, Array | None]:
         raise ValueError(f"qarray_matmul: expected a numerics QArray, got {type(qa).__name__}")
     if qa.ndim != 2:
         raise ValueError(f"qarray_matmul: the weight QArray must be 2-D [N, K], got {qa.shape}")
+    if any(s % b for s, b in zip(qa.shape, qa.block_shape, strict=True)):
+        raise ValueError(
+            f"qarray_matmul: ragged groups (block shape {qa.block_shape} on {qa.shape}) are not "
+            "supported by the kernel; quantize with a group size that divides K"
+        )
     if qa.packing is None:
         qa = qa.pack(axis=1, word_bits=32)
     elif qa.packing != (1, 32):

@@ -256,6 +256,8 @@ def test_qarray_matmul_rejects_bad_qarrays():
         qarray_matmul(x, quantize(W.reshape(2, 16, 64), rtn(4, group_size=32)), interpret=True)
     with pytest.raises(ValueError, match="QArray"):
         qarray_matmul(x, W, interpret=True)
+    with pytest.raises(ValueError, match="ragged"):
+        qarray_matmul(x, quantize(W, rtn(4, group_size=48, ragged=True)), interpret=True)
 
 
 # --------------------------------------------------------------------------- GPU lowering
