@@ -45,6 +45,7 @@ def qarrays():
     rows, cols, vals = split_outliers(w, jnp.abs(w) > 2.0)
     return {
         "int3_asym_g32": cb,
+        "int3_asym_g64_ragged": quantize(w, rtn(3, group_size=64, sym=False, ragged=True)),
         "int4_sym_channel_bf16": quantize(w.astype(jnp.bfloat16), rtn(4, sym=True)),
         "codebook": quantize(w, W_cfg(table)),
         "mxfp4_e8m0_scales": quantize(w, mx("mxfp4")),
