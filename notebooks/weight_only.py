@@ -31,8 +31,9 @@
 # *reduced* size a 2-core CPU allows: 16 × 512 calibration tokens (papers: 128 × 2048) and the
 # first 16 windows of 512 tokens. The small run (CI) keeps only the first 2 of the 30 blocks and
 # uses 2 × 128 calibration tokens, 2 windows of 128 and cheaper searches: it only shows that the
-# pipeline runs end to end — its numbers are not results. **Groups of 64, not 128:** SmolLM2's hidden size 576 is not a multiple of 128, and the
-# numerics core requires groups to divide the axis.
+# pipeline runs end to end — its numbers are not results. **Groups of 128 are ragged:**
+# SmolLM2's hidden size 576 = 4.5 × 128, so each 576-wide row gets four groups of 128 and a last
+# one of 64 with its own scale (`QuantConfig(ragged=True)`; GPTQ's reference does the same).
 
 # %%
 import dataclasses
@@ -52,7 +53,7 @@ from methods.compare import CompareConfig, pivot, run
 
 METHODS = ["rtn", "gptq", "awq", "omniquant", "squeezellm", "spqr"]
 if SMALL:
-    SETTINGS = ["W3g64"]
+    SETTINGS = ["W3g128"]
     CMP = CompareConfig(n_calib=2, calib_seqlen=128, seqlen=128, windows=2)
     OVERRIDES = {
         "awq": {"n_grid": 4, "clip_grid": 4, "clip_n_tokens": 64},
@@ -60,7 +61,7 @@ if SMALL:
         "squeezellm": {"kmeans_iters": 5},
     }
 else:
-    SETTINGS = ["W3g64", "W2g64"]
+    SETTINGS = ["W3g128", "W2g64"]
     CMP = CompareConfig(corpora=("wikitext2", "c4"))
     OVERRIDES = {}
 
@@ -131,7 +132,7 @@ savefig(fig, "weight_only_ppl_vs_bpw")
 # booleans mean nothing.
 
 # %%
-W3, W2 = "W3g64", "W2g64"
+W3, W2 = "W3g128", "W2g64"
 
 
 def ppl(setting, method):

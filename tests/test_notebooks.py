@@ -134,11 +134,15 @@ def check_weight_only(g: dict) -> None:
         if r.method == "fp":
             continue
         bpw = r.notes["bpw"]
-        if r.method in ("rtn", "gptq", "awq", "omniquant"):  # 3-bit codes, per 64: fp16 scale
-            assert bpw == pytest.approx(3 + (16 + 3) / 64, abs=1e-9), (r.method, bpw)  # + zero
+        if r.method in ("rtn", "gptq", "awq", "omniquant"):
+            # 3-bit codes + per group of 128 an fp16 scale and a 3-bit zero; SmolLM2's 576-wide
+            # inputs (4,608 rows per block) have 5 groups (the last one ragged), down_proj's
+            # 1536-wide inputs (576 rows) 12; 3,538,944 weights per block
+            groups = 5 * 4608 + 12 * 576
+            assert bpw == pytest.approx(3 + (16 + 3) * groups / 3538944, abs=1e-9), (r.method, bpw)
         else:  # SpQR / SqueezeLLM: codes + their own statistics and outliers
             assert 3 < bpw < 5, (r.method, bpw)
-    assert "| W3g64 | gptq |" in g["TABLE"]
+    assert "| W3g128 | gptq |" in g["TABLE"]
 
 
 def check_fp_vs_int(g: dict) -> None:
