@@ -192,9 +192,9 @@ def test_clip_search_takes_the_best_ratio_per_group():
         D = (fake_quant(Wc, qcfg) - W).reshape(96, 2, 32)
         return np.mean(np.einsum("ngk,ogk->ogn", X.reshape(64, 2, 32), D) ** 2, axis=-1)
 
-    best = group_err(core.apply_clip(W, m))
+    best = group_err(core.apply_clip(W, m, 32))
     for r in grid:
-        assert np.all(best <= group_err(core.apply_clip(W, amax * r)) * (1 + 1e-5))
+        assert np.all(best <= group_err(core.apply_clip(W, amax * r, 32)) * (1 + 1e-5))
 
 
 def test_ragged_last_group_is_searched_and_quantized_on_its_own_columns():
@@ -208,6 +208,11 @@ def test_ragged_last_group_is_searched_and_quantized_on_its_own_columns():
     tail_q = awq.AWQConfig(bits=3, group_size=16).quant_config()
     tail = core.clip_search(W[:, 64:], X[:, 64:], tail_q, group_size=16)
     np.testing.assert_array_equal(np.asarray(m), np.concatenate([whole, tail], axis=1))
+    clipped = core.apply_clip(W, m, 32)
+    apart = [core.apply_clip(W[:, :64], whole, 32), core.apply_clip(W[:, 64:], tail, 16)]
+    np.testing.assert_array_equal(np.asarray(clipped), np.concatenate(apart, axis=1))
+    with pytest.raises(ValueError, match="clip groups"):
+        core.apply_clip(W, m, 16)
     res = awq.quantize_layer(W, LayerStats(X=X), cfg)
     assert res.weight.q.nb == (96, 3)
     assert _err(X, W, res.weight.dequantize()) <= _err(X, W, fake_quant(W, cfg.quant_config()))

@@ -238,7 +238,7 @@ def awq_block(
                 Wg = group_view(W, cfg.group_size, ragged=cfg.ragged, who="AWQ")
                 amax = jnp.max(jnp.abs(Wg), axis=-1)
                 row["clip_ratio"] = float(jnp.mean(m / jnp.maximum(amax, 1e-30)))
-                W = core.apply_clip(W, m)
+                W = core.apply_clip(W, m, cfg.group_size)
             qa = quantize(W, qcfg)
             bp_q = set_param(bp_q, name, qa)
             jax.block_until_ready(qa)

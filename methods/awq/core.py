@@ -186,11 +186,14 @@ def clip_search(
 
 
 def apply_clip(
-    W: Float[Array, "out in"], m: Float[Array, "out n_groups"]
+    W: Float[Array, "out in"], m: Float[Array, "out n_groups"], group_size: int | None
 ) -> Float[Array, "out in"]:
-    """``clamp(w, −m, m)`` per (output channel, input group; the last may be shorter)."""
+    """``clamp(w, −m, m)`` per (output channel, input group of ``group_size``; the last group
+    may be shorter)."""
     d_in = W.shape[1]
-    Wg = group_view(W, -(-d_in // m.shape[1]), ragged=True, who="AWQ")
+    Wg = group_view(W, group_size, ragged=True, who="AWQ")
+    if Wg.shape[1] != m.shape[1]:
+        raise ValueError(f"AWQ: {m.shape[1]} clip groups for {Wg.shape[1]} weight groups")
     return ungroup(jnp.clip(Wg, -m[..., None], m[..., None]), d_in).astype(W.dtype)
 
 
@@ -251,5 +254,5 @@ def _awq_layer(W, X, s_X, cfg: AWQConfig):
             n_grid=cfg.clip_grid,
             max_shrink=cfg.clip_max_shrink,
         )
-        Ws = apply_clip(Ws, m)
+        Ws = apply_clip(Ws, m, cfg.group_size)
     return quantize(Ws, qcfg), s, alpha, losses
