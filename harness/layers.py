@@ -192,7 +192,8 @@ def causal_attention(
     the queries run in chunks of ``query_chunk``, and each chunk reads only the keys it can see
     (``[t0 - window + 1, t0 + chunk)``): half the T×T work is skipped, and each chunk's scores
     stay small enough for the CPU caches (4.8× faster than the full masked product at T = 2048,
-    ``scripts/bench_eval.py``); a batch runs one sequence after another for the same reason.
+    ``scripts/bench_eval.py``); on CPU a batch runs one sequence after another for the same
+    reason.
     With explicit ``positions`` the full ``[T, S]`` scores are masked.
     """
     B, T, H, D = q.shape
@@ -237,12 +238,15 @@ def causal_attention(
             outs.append(attend(qs[:, :, t0:t1], ks[:, s0:t1], vs[:, s0:t1], allowed))
         return jnp.concatenate(outs, axis=2)
 
-    # One sequence at a time: a batch's chunk scores together would spill out of the caches
-    # again (8 × 2048 calibration batches: 1.6× slower than this loop).
+    # On CPU one sequence at a time: a batch's chunk scores together would spill out of the
+    # caches again (8 × 2048 calibration batches: 1.6× slower than this loop). Accelerators
+    # take the whole batch at once.
     if B == 1:
         o = one_sequence((qh[0], kh[0], vh[0]))[None]
-    else:
+    elif jax.default_backend() == "cpu":
         o = jax.lax.map(one_sequence, (qh, kh, vh))
+    else:
+        o = jax.vmap(one_sequence)((qh, kh, vh))
     return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, H, D).astype(q.dtype)
 
 
