@@ -80,6 +80,9 @@ def test_windows_of_both_protocols():
     w, m = ev.perplexity_windows(tokens, seqlen=4)
     np.testing.assert_array_equal(w, [[0, 1, 2, 3], [4, 5, 6, 7]])  # 8, 9 dropped
     np.testing.assert_array_equal(m, [[1, 1, 1, 0]] * 2)
+    w, m = ev.perplexity_windows(tokens, seqlen=4, bos_id=99)  # a tokenizer that adds BOS
+    np.testing.assert_array_equal(w, [[99, 1, 2, 3], [99, 5, 6, 7]])
+    np.testing.assert_array_equal(m, [[1, 1, 1, 0]] * 2)
     w, m = ev.perplexity_windows(tokens, seqlen=4, protocol="llama.cpp", bos_id=99)
     np.testing.assert_array_equal(w, [[99, 1, 2, 3], [99, 5, 6, 7]])
     np.testing.assert_array_equal(m, [[0, 0, 1, 0]] * 2)  # logits n_ctx/2 .. n_ctx-2
