@@ -286,7 +286,8 @@ class BlockCalibration(Mapping):
         recomputed for o_proj, gate/up, down and the block output (the reference recomputes the
         whole block for each). Valid only while q/k/v and the attention norms stay as given.
         """
-        self.mix = self._input_of("attn.o_proj", block_params)
+        self.down_in = None  # computed from the old attention output
+        self.mix = self._input_of("attn.o_proj", block_params, None)
 
     def cache_down_input(self, block_params: Any) -> None:
         """Compute down_proj's input ``act(gate(x))·up(x)`` once with ``block_params``'s o_proj,
@@ -295,12 +296,12 @@ class BlockCalibration(Mapping):
         no second gate/up pass for the block output. Holds ``n × t × d_ff`` floats."""
         if self.mix is None:
             raise ValueError("cache_attention first: down_proj's input is computed from it")
-        self.down_in = self._input_of("mlp.down_proj", block_params)
+        self.down_in = self._input_of("mlp.down_proj", block_params, self.mix)
 
-    def _input_of(self, name: str, block_params: Any) -> Array:
+    def _input_of(self, name: str, block_params: Any, mix: Array | None) -> Array:
         f = _input_fn(self.model, _shared_layer(self.model, self.layer), name)
         parts = [
-            f(block_params, self.inputs[sl], _part(self.mix, sl))
+            f(block_params, self.inputs[sl], _part(mix, sl))
             for sl in _batches(self.inputs.shape[0], self.batch_size)
         ]
         return jnp.concatenate(parts, axis=0)

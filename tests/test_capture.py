@@ -219,6 +219,12 @@ def test_cached_attention_equals_rerunning_the_block(cfg):
         )
         with pytest.raises(ValueError, match="cached"):
             calib.recapture(again, ("mlp.up_proj",))
+        # new q/k/v: caching the attention again recomputes it (and drops down's stale input)
+        new_q = set_param(again, "attn.q_proj", get_param(again, "attn.q_proj") * 2.0)
+        calib.cache_attention(new_q)
+        plain.cache_attention(new_q)
+        assert calib.down_in is None
+        np.testing.assert_array_equal(np.asarray(calib.mix), np.asarray(plain.mix))
         seen.append(i)
         return changed
 
