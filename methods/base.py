@@ -104,6 +104,8 @@ def group_view(
     ``g`` with zeros (``pad="zero"``: exact for min-max ranges that include 0 and for errors
     weighted by zero-padded inputs) or with copies of the last column (``pad="edge"``: exact for
     min and max). :func:`ungroup` cuts the padding off again."""
+    if pad not in ("zero", "edge"):
+        raise ValueError(f"{who}: pad must be 'zero' or 'edge', got {pad!r}")
     out, d_in = W.shape
     g = d_in if group_size is None else group_size
     if d_in % g and not ragged:
