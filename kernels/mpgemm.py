@@ -52,6 +52,7 @@ from jaxtyping import Array, Float, UInt32
 
 from kernels import common as C
 from numerics.formats import Format, IntFormat, get_format
+from numerics.granularity import is_ragged
 from numerics.packing import unpack
 
 INT_BITS = (2, 3, 4, 8)  # integer formats the kernel reads
@@ -299,7 +300,7 @@ def qarray_fields(qa) -> tuple[Array, Array, Array | None]:
         raise ValueError(f"qarray_matmul: expected a numerics QArray, got {type(qa).__name__}")
     if qa.ndim != 2:
         raise ValueError(f"qarray_matmul: the weight QArray must be 2-D [N, K], got {qa.shape}")
-    if any(s % b for s, b in zip(qa.shape, qa.block_shape, strict=True)):
+    if is_ragged(qa.shape, qa.block_shape):
         raise ValueError(
             f"qarray_matmul: ragged groups (block shape {qa.block_shape} on {qa.shape}) are not "
             "supported by the kernel; quantize with a group size that divides K"

@@ -95,6 +95,15 @@ def check_group(group_size: int | None, who: str) -> None:
         raise ValueError(f"{who}: group_size must be a positive int or None, got {group_size!r}")
 
 
+def check_groups(d_in: int, group_size: int | None, *, ragged: bool, who: str) -> None:
+    """A group size must divide the in-features unless ``ragged`` (a shorter last group)."""
+    if group_size is not None and d_in % group_size and not ragged:
+        raise ValueError(
+            f"{who}: group_size {group_size} does not divide in-features {d_in}; "
+            "pass ragged=True for a shorter last group"
+        )
+
+
 def group_view(
     W: Float[Array, "out in"], group_size: int | None, *, ragged: bool, who: str, pad: str = "zero"
 ) -> Float[Array, "out ng g"]:
@@ -107,12 +116,8 @@ def group_view(
     if pad not in ("zero", "edge"):
         raise ValueError(f"{who}: pad must be 'zero' or 'edge', got {pad!r}")
     out, d_in = W.shape
+    check_groups(d_in, group_size, ragged=ragged, who=who)
     g = d_in if group_size is None else group_size
-    if d_in % g and not ragged:
-        raise ValueError(
-            f"{who}: group_size {g} does not divide in-features {d_in}; "
-            "pass ragged=True for a shorter last group"
-        )
     W = W.astype(jnp.float32)
     extra = -d_in % g
     if extra:

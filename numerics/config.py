@@ -116,10 +116,17 @@ class QuantConfig:
 
 
 def rtn(
-    bits: int, *, group_size: int | None = None, sym: bool = True, axis: int = -1, **kw
+    bits: int,
+    *,
+    group_size: int | None = None,
+    sym: bool = True,
+    axis: int = -1,
+    ragged: bool = False,
+    **kw,
 ) -> QuantConfig:
     """Round-to-nearest integer config as the weight-only papers write it: ``W{bits} g{group}``,
-    symmetric (signed codes) or asymmetric (unsigned codes + zero point)."""
+    symmetric (signed codes) or asymmetric (unsigned codes + zero point). ``ragged`` allows a
+    shorter last group; per channel (``group_size=None``) there is no group to be ragged."""
     fmt = IntFormat(bits=bits, signed=sym)
     gran = "channel" if group_size is None else "group"
     return QuantConfig(
@@ -128,6 +135,7 @@ def rtn(
         group_size=group_size or 128,
         zero_point=not sym,
         axis=axis,
+        ragged=ragged and group_size is not None,
         **kw,
     )
 

@@ -36,7 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from methods.base import LayerResult, LayerStats, check_bits, check_group, group_view, ungroup
+from methods.base import (
+    LayerResult,
+    LayerStats,
+    check_bits,
+    check_group,
+    check_groups,
+    group_view,
+    ungroup,
+)
 from numerics.config import QuantConfig, rtn
 from numerics.packing import bits_per_weight
 from numerics.qarray import QArray
@@ -81,7 +89,7 @@ class AWQConfig:
             group_size=self.group_size,
             sym=self.sym,
             scale_dtype=self.scale_dtype,
-            ragged=self.ragged and self.group_size is not None,
+            ragged=self.ragged,
         )
 
 
@@ -206,11 +214,7 @@ def _check(W, stats: LayerStats, cfg: AWQConfig):
     check_input(W, "AWQ")
     if W.ndim != 2:
         raise ValueError(f"AWQ: W must be [out, in], got shape {tuple(W.shape)}")
-    if cfg.group_size is not None and W.shape[1] % cfg.group_size and not cfg.ragged:
-        raise ValueError(
-            f"AWQ: group_size {cfg.group_size} does not divide d_in = {W.shape[1]}; "
-            "pass ragged=True for a shorter last group"
-        )
+    check_groups(W.shape[1], cfg.group_size, ragged=cfg.ragged, who="AWQ")
     if stats.X is None:
         raise ValueError("AWQ needs LayerStats.X (calibration input rows) for its output error")
     check_input(stats.X, "AWQ (LayerStats.X)")

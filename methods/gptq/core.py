@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, UInt8
 
-from methods.base import LayerResult, LayerStats, check_bits, check_group
+from methods.base import LayerResult, LayerStats, check_bits, check_group, check_groups
 from numerics import granularity as G
 from numerics import ranges
 from numerics.config import QuantConfig, rtn
@@ -114,7 +114,7 @@ class GPTQConfig:
             sym=self.sym,
             scale_dtype=self.scale_dtype,
             range="mse" if self.mse_clip else "minmax",
-            ragged=self.ragged and self.group_size is not None,
+            ragged=self.ragged,
         )
 
 
@@ -189,7 +189,7 @@ def gptq(
     # they are decoupled from the real ones (U is block diagonal there) and quantize to exact
     # zeros; a ragged last group's min-max range is unchanged by them (it always includes 0).
     B = min(cfg.block_size, n)
-    pad = -n % max(B, g if cfg.group_size else 1)
+    pad = -n % max(B, cfg.group_size or 1)
     m = n + pad
     U = inverse_hessian_factor(H, cfg.percdamp)
     U = jnp.pad(U, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(m) >= n).astype(jnp.float32))
@@ -273,11 +273,7 @@ def quantize_layer(
     check_input(stats.H, "GPTQ Hessian")
     if stats.H.shape != (n, n):
         raise ValueError(f"GPTQ: H has shape {tuple(stats.H.shape)}, expected ({n}, {n})")
-    if cfg.group_size is not None and n % cfg.group_size and not cfg.ragged:
-        raise ValueError(
-            f"GPTQ: group_size {cfg.group_size} does not divide in-features {n}; "
-            "pass ragged=True for a shorter last group"
-        )
+    check_groups(n, cfg.group_size, ragged=cfg.ragged, who="GPTQ")
     C, S, Z, loss = gptq(W, stats.H, cfg)
     g = cfg.group_size or n
     how = cfg.quant_config()

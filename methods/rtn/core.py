@@ -37,7 +37,7 @@ class RTNConfig:
             sym=self.sym,
             scale_dtype=self.scale_dtype,
             range="mse" if self.mse_clip else "minmax",
-            ragged=self.ragged and self.group_size is not None,
+            ragged=self.ragged,
         )
 
 
