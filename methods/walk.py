@@ -15,6 +15,9 @@ its float weight leaf is replaced by the returned quantized leaf.
 Resumable runs: with ``checkpoint_dir`` every finished block is saved (packed codes, orbax;
 ``methods.checkpoint``); a rerun with the same inputs loads the finished blocks, only runs them
 forward (``harness.capture.sequential(done_blocks=...)``) and quantizes the rest.
+
+A data-free core (``needs=()``, RTN) skips the calibration forward altogether: its blocks are
+quantized in order without running the model.
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def quantize_sequential(
     groups = TRUE_SEQUENTIAL if true_sequential else (tuple(n for g in TRUE_SEQUENTIAL for n in g),)
     extra = extra_stats or {}
 
-    def on_block(i: int, bp: Any, calib: capture.BlockCalibration) -> Any:
+    def on_block(i: int, bp: Any, calib: capture.BlockCalibration | None) -> Any:
         first = len(report)
         for gi, group in enumerate(groups):
             if gi > 0 and accs:
@@ -177,17 +180,23 @@ def quantize_sequential(
             on_block_done(i)
         return bp
 
-    new_params = capture.sequential(
-        params,
-        model_cfg,
-        calib_tokens,
-        on_block,
-        accumulators=accs or None,
-        names=groups[0] if accs else (),  # later groups are captured after the earlier ones
-        batch_size=batch_size,
-        progress=progress,
-        done_blocks=done,
-    )
+    if accs:
+        new_params = capture.sequential(
+            params,
+            model_cfg,
+            calib_tokens,
+            on_block,
+            accumulators=accs,
+            names=groups[0],  # later groups are captured after the earlier ones
+            batch_size=batch_size,
+            progress=progress,
+            done_blocks=done,
+        )
+    else:  # data-free (RTN): no statistics, so no calibration forward either
+        blocks = list(params["blocks"])
+        for i in range(model_cfg.n_layers):
+            blocks[i] = done[i] if i in done else on_block(i, blocks[i], None)
+        new_params = {**params, "blocks": blocks}
     return quantized_model(params, new_params, report, t0)
 
 
