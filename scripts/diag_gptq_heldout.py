@@ -38,7 +38,8 @@ from harness import capture
 from harness.calibration import c4_calibration
 from harness.data import perplexity_text
 from harness.evaluate import EvalConfig, perplexity_windows
-from harness.model import BLOCK_LINEARS, get_param, set_param
+from harness.layers import Hooks
+from harness.model import BLOCK_LINEARS, Model, get_param, set_param
 from harness.pipeline import eval_perplexity, load
 from methods.base import get_method
 from methods.compare import config_for, parse_setting
@@ -112,6 +113,30 @@ def logit_error(params, q_params, cfg, H) -> dict[str, list[float]]:
     return out
 
 
+def _sink_values(layer, k, v):
+    """A kv hook: every value vector 0 except position 0's, which is all ones — the attention
+    output then reads, per query and head, the attention weight on position 0."""
+    return k, jnp.zeros_like(v).at[:, 0].set(1.0)
+
+
+SINK_HOOKS = Hooks(kv_quant=_sink_values)
+
+
+def sink_mass(params, cfg, tokens) -> list[float]:
+    """Per block: mean attention weight on position 0 over heads and query positions ≥ 1, for
+    the full-precision model on ``tokens`` (each block on the fp hidden states entering it)."""
+    probe = Model(cfg, SINK_HOOKS)
+    out: list[float] = []
+
+    def on_block(i, bp, calib):
+        mix = probe.apply_block(bp, i, calib.inputs, capture=True)[1]["attn.o_proj"]
+        out.append(float(jnp.mean(mix[:, 1:])))  # [n, t, heads * head_dim], all ones at t = 0
+        return bp
+
+    capture.sequential(params, cfg, tokens, on_block, names=())
+    return out
+
+
 def gmean(x) -> float:
     return float(np.exp(np.mean(np.log(np.asarray(x)))))
 
@@ -123,6 +148,7 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--heldout", type=int, default=8, help="WikiText-2 windows of 512 for H")
     ap.add_argument("--detail", default="v", choices=sorted(TYPES), help="per-block ratios")
+    ap.add_argument("--sink-only", action="store_true", help="only the attention on position 0")
     ap.add_argument("--no-ablation", action="store_true", help="skip the perplexity ablation")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="GPTQ config overrides, e.g. percdamp=0.1")  # fmt: skip
@@ -130,6 +156,13 @@ def main() -> None:
     bits, group = parse_setting(args.setting)
     model, params, tok = load("smollm2")
     calib = c4_calibration(tok, n_samples=args.n_calib, seqlen=args.calib_seqlen, seed=0)
+    wiki = np.asarray(tok.encode(perplexity_text("wikitext2")), np.int32)
+    held, _ = perplexity_windows(wiki, seqlen=512, bos_id=tok.bos_id if tok.add_bos else None)
+    mass = sink_mass(params, model.cfg, held[: args.heldout])
+    print("attention weight on position 0 (fp model, held-out, mean over heads and queries):")
+    print("  " + " ".join(f"{m:.2f}" for m in mass))
+    if args.sink_only:
+        return
     gptq_over = {k: float(v) if "." in v else int(v) for k, v in (s.split("=") for s in args.set)}
 
     q = {}
@@ -138,8 +171,6 @@ def main() -> None:
         q[name] = m.quantize_model(params, model.cfg, calib, config_for(m, bits, group, **over))
         print(f"{name}: {q[name].bits_per_weight:.3f} bpw, {q[name].seconds / 60:.1f} min")
 
-    wiki = np.asarray(tok.encode(perplexity_text("wikitext2")), np.int32)
-    held, _ = perplexity_windows(wiki, seqlen=512, bos_id=tok.bos_id if tok.add_bos else None)
     fp_stats = fp_hessians(params, model.cfg, held[: args.heldout])
     H = {"calib": fp_hessians(params, model.cfg, calib)["H"], "held-out": fp_stats["H"],
          "held-out, position 0": fp_stats["H0"]}  # fmt: skip
