@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--corpora", nargs="+", default=["wikitext2"])
+    ap.add_argument("--seed", type=int, default=0, help="the C4 calibration draw")
     ap.add_argument("--full", action="store_true", help="128 x 2048 calibration, all windows")
     ap.add_argument("--fp", action="store_true", help="also evaluate the unquantized model")
     ap.add_argument("--set", nargs="*", default=[], metavar="METHOD.FIELD=VALUE")
@@ -53,7 +54,7 @@ def main() -> None:
         args.n_calib, args.calib_seqlen, args.seqlen, args.windows = 128, 2048, 2048, None
     cmp = CompareConfig(
         n_calib=args.n_calib, calib_seqlen=args.calib_seqlen, seqlen=args.seqlen,
-        windows=args.windows, corpora=tuple(args.corpora),
+        windows=args.windows, corpora=tuple(args.corpora), seed=args.seed,
     )  # fmt: skip
     model, params, tok = load("smollm2")
 
