@@ -193,3 +193,24 @@ def test_interrupted_run_resumes_from_last_finished_block(setup, tmp_path):
             needs=("H",),
             checkpoint_dir=tmp_path,
         )
+
+
+def test_data_free_walk_runs_no_model_and_equals_the_core(setup, monkeypatch):
+    """A core that needs no statistics (RTN) is quantized without the calibration forward: the
+    capture driver is never called, and every linear is the core applied to its own weight."""
+    from harness import capture
+    from harness.model import get_param, linear_names
+    from methods.rtn import RTNConfig
+    from methods.rtn.core import quantize_layer as rtn_layer
+
+    params, tokens, _ = setup
+
+    def no_forward(*a, **kw):
+        raise AssertionError("a data-free walk ran the calibration forward")
+
+    monkeypatch.setattr(capture, "sequential", no_forward)
+    cfg = RTNConfig(bits=3, group_size=32)
+    qm = quantize_sequential(params, TINY, tokens, rtn_layer, cfg, needs=())
+    for name in linear_names(TINY):
+        want = rtn_layer(jnp.asarray(get_param(params, name), jnp.float32), None, cfg).weight
+        assert_same(get_param(qm.params, name), want)
