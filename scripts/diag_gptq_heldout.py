@@ -38,7 +38,7 @@ from harness import capture
 from harness.calibration import c4_calibration
 from harness.data import perplexity_text
 from harness.evaluate import EvalConfig, perplexity_windows
-from harness.layers import Hooks
+from harness.layers import Hooks, dense
 from harness.model import BLOCK_LINEARS, Model, get_param, set_param
 from harness.pipeline import eval_perplexity, load
 from methods.base import get_method
@@ -82,10 +82,6 @@ def rel_error(W, W_hat, H):
     return jnp.trace(d @ H @ d.T) / jnp.trace(W @ H @ W.T)
 
 
-def dense(leaf) -> jax.Array:
-    return leaf.dequantize(jnp.float32) if hasattr(leaf, "dequantize") else jnp.asarray(leaf)
-
-
 def pair_energy(W, H, n_heads: int) -> jax.Array:
     """``E|y_pair|²`` of ``y = W x`` per head and RoPE pair (half-split layout): [heads, d/2]."""
     e = jnp.diag(W @ H @ W.T).reshape(n_heads, -1) / 2
@@ -102,7 +98,8 @@ def logit_error(params, q_params, cfg, H) -> dict[str, list[float]]:
         Hi = H[f"blocks.{i}.attn.q_proj"]  # q, k and v share their input
         W = {t: jnp.asarray(get_param(params, f"blocks.{i}.attn.{t}_proj"), jnp.float32)
              for t in "qk"}  # fmt: skip
-        dW = {t: dense(get_param(q_params, f"blocks.{i}.attn.{t}_proj")) - W[t] for t in "qk"}
+        dW = {t: dense(get_param(q_params, f"blocks.{i}.attn.{t}_proj"), jnp.float32) - W[t]
+              for t in "qk"}  # fmt: skip
         eq, ek = pair_energy(W["q"], Hi, cfg.n_heads), pair_energy(W["k"], Hi, cfg.n_kv_heads)
         ek_per_q = jnp.repeat(ek, rep, axis=0)  # the kv head each query head reads
         signal = jnp.sum(eq * ek_per_q)
@@ -150,8 +147,6 @@ def main() -> None:
     ap.add_argument("--detail", default="v", choices=sorted(TYPES), help="per-block ratios")
     ap.add_argument("--sink-only", action="store_true", help="only the attention on position 0")
     ap.add_argument("--no-ablation", action="store_true", help="skip the perplexity ablation")
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="GPTQ config overrides, e.g. percdamp=0.1")  # fmt: skip
     args = ap.parse_args()
     bits, group = parse_setting(args.setting)
     model, params, tok = load("smollm2")
@@ -163,12 +158,10 @@ def main() -> None:
     print("  " + " ".join(f"{m:.2f}" for m in mass))
     if args.sink_only:
         return
-    gptq_over = {k: float(v) if "." in v else int(v) for k, v in (s.split("=") for s in args.set)}
-
     q = {}
-    for name, over in (("rtn", {}), ("gptq", gptq_over)):
+    for name in ("rtn", "gptq"):
         m = get_method(name)
-        q[name] = m.quantize_model(params, model.cfg, calib, config_for(m, bits, group, **over))
+        q[name] = m.quantize_model(params, model.cfg, calib, config_for(m, bits, group))
         print(f"{name}: {q[name].bits_per_weight:.3f} bpw, {q[name].seconds / 60:.1f} min")
 
     fp_stats = fp_hessians(params, model.cfg, held[: args.heldout])
@@ -179,7 +172,7 @@ def main() -> None:
     for name in H["calib"]:
         W = jnp.asarray(get_param(params, name), jnp.float32)
         for method in q:
-            W_hat = dense(get_param(q[method].params, name))
+            W_hat = dense(get_param(q[method].params, name), jnp.float32)
             for s, Hs in H.items():
                 err[(method, s)][name] = float(rel_error(W, W_hat, Hs[name]))
 

@@ -7,10 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from harness.model import Model, ModelConfig, init_params
+from harness import capture
+from harness.model import Model, ModelConfig, get_param, init_params, linear_names
 from methods import checkpoint as ck
 from methods.gptq import GPTQConfig
 from methods.gptq.core import quantize_layer as gptq_layer
+from methods.rtn import RTNConfig
+from methods.rtn.core import quantize_layer as rtn_layer
 from methods.walk import quantize_sequential
 from numerics.config import mx, rtn
 from numerics.formats import codebook_format
@@ -198,11 +201,6 @@ def test_interrupted_run_resumes_from_last_finished_block(setup, tmp_path):
 def test_data_free_walk_runs_no_model_and_equals_the_core(setup, monkeypatch):
     """A core that needs no statistics (RTN) is quantized without the calibration forward: the
     capture driver is never called, and every linear is the core applied to its own weight."""
-    from harness import capture
-    from harness.model import get_param, linear_names
-    from methods.rtn import RTNConfig
-    from methods.rtn.core import quantize_layer as rtn_layer
-
     params, tokens, _ = setup
 
     def no_forward(*a, **kw):
