@@ -66,8 +66,9 @@ else:
     OVERRIDES = {}
 
 
-# Full size only: LOWBIT_ROWS=results/weight_only.json plots and checks rows measured earlier
-# (scripts/weight_only_table.py appends there) instead of quantizing again.
+# Full size only: LOWBIT_ROWS=../papers/data/weight_only_rows.json plots and checks rows measured
+# earlier (scripts/weight_only_table.py --out appends there) instead of quantizing again; where a
+# (setting, method, corpus) was measured more than once, the last row in the file wins.
 ROWS_FROM = None if SMALL else os.environ.get("LOWBIT_ROWS")
 print(f"SMALL={SMALL}  {CMP}  rows from: {ROWS_FROM or 'this run'}")
 
@@ -81,8 +82,15 @@ if ROWS_FROM:
     ROWS = load_results(ROWS_FROM)
     if not ROWS:
         raise FileNotFoundError(f"LOWBIT_ROWS={ROWS_FROM}: no results there")
+    ROWS = list({(r.notes["setting"], r.method, r.dataset): r for r in ROWS}.values())
     SETTINGS = sorted({r.notes["setting"] for r in ROWS} - {"fp"}, key=lambda s: (s[1], s))
+    EVAL_SIZES = {(r.notes["seqlen"], r.notes["windows"]) for r in ROWS}
+    CALIBS = {r.notes["calib"] for r in ROWS if "calib" in r.notes}  # the fp rows have none
+    if len(EVAL_SIZES) != 1 or len(CALIBS) != 1:  # rows of different sizes: not comparable
+        raise ValueError(f"LOWBIT_ROWS={ROWS_FROM} mixes sizes: {EVAL_SIZES} {CALIBS}")
+    (CALIB,) = CALIBS
 else:
+    CALIB = f"{CMP.n_calib}x{CMP.calib_seqlen} C4 (seed {CMP.seed})"
     model, params, tok = load("smollm2")
     if SMALL:  # CI: a 2-block model (the embedding, the first 2 blocks and the head)
         model = Model(dataclasses.replace(model.cfg, n_layers=2))
@@ -107,6 +115,8 @@ PPL = {
     for r in ROWS
     if r.dataset == "wikitext2"
 }
+if ("fp", "fp") not in PPL:
+    raise KeyError("no full-precision WikiText-2 row: add one with weight_only_table.py --fp")
 FP_PPL = PPL[("fp", "fp")][1]
 fig, ax = plt.subplots(figsize=(6.5, 4.2))
 for setting, marker in zip(SETTINGS, "os^vD", strict=False):
@@ -120,7 +130,7 @@ ax.axhline(FP_PPL, color="k", lw=0.8, ls="--", label=f"fp (Q4_1 GGUF) {FP_PPL:.1
 ax.set_xlabel("bits per weight (codes + scales + zeros + outliers)")
 ax.set_ylabel("WikiText-2 perplexity")
 ax.set_yscale("log")
-ax.set_title(f"SmolLM2-135M, {CMP.n_calib}x{CMP.calib_seqlen} C4 calibration")
+ax.set_title(f"SmolLM2-135M, {CALIB} calibration")
 ax.legend(fontsize=6, ncol=2)
 savefig(fig, "weight_only_ppl_vs_bpw")
 
