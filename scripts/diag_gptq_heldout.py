@@ -19,7 +19,10 @@ that gain carries over to other text, and which linears carry the end-to-end los
    weighting the per-linear objective (every output dim alike) does not see. Pair energies come
    from the same held-out ``H``: ``E|q_j|² = (W H Wᵀ)_jj / 2``.
 4. Ablation: start from RTN and swap in GPTQ's weights for one linear type at a time (and for
-   all but q/k/v), then evaluate perplexity with the table's protocol (first 16 windows of 512).
+   all but v — the remedy "keep v_proj at RTN" — all but q/k and all but q/k/v), then evaluate
+   perplexity with the table's protocol (first 16 windows of 512). ``--ablation-only`` skips
+   steps 2–3; ``--variants`` picks variants by key (``rtn gptq q k v o gate/up down -v -qk
+   -qkv``).
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python scripts/diag_gptq_heldout.py --setting W4g128
 """
@@ -52,6 +55,14 @@ TYPES = {
     "gate/up": ("mlp.gate_proj", "mlp.up_proj"),
     "down": ("mlp.down_proj",),
 }
+# ablation variants by key: (label, the linear types that get GPTQ's weights; the rest RTN's)
+VARIANTS = {"rtn": ("RTN everywhere", ()), "gptq": ("GPTQ everywhere", tuple(TYPES))}
+VARIANTS |= {t: (f"GPTQ on {t} only", (t,)) for t in TYPES}
+for _drop in ("v", "qk", "qkv"):
+    VARIANTS["-" + _drop] = (
+        f"GPTQ on all but {', '.join(_drop)}",
+        tuple(t for t in TYPES if t not in tuple(_drop)),
+    )
 
 
 def first_token_hessian() -> capture.Accumulator:
@@ -147,15 +158,18 @@ def main() -> None:
     ap.add_argument("--detail", default="v", choices=sorted(TYPES), help="per-block ratios")
     ap.add_argument("--sink-only", action="store_true", help="only the attention on position 0")
     ap.add_argument("--no-ablation", action="store_true", help="skip the perplexity ablation")
+    ap.add_argument("--ablation-only", action="store_true", help="only the perplexity ablation")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = ap.parse_args()
     bits, group = parse_setting(args.setting)
     model, params, tok = load("smollm2")
     calib = c4_calibration(tok, n_samples=args.n_calib, seqlen=args.calib_seqlen, seed=0)
     wiki = np.asarray(tok.encode(perplexity_text("wikitext2")), np.int32)
     held, _ = perplexity_windows(wiki, seqlen=512, bos_id=tok.bos_id if tok.add_bos else None)
-    mass = sink_mass(params, model.cfg, held[: args.heldout])
-    print("attention weight on position 0 (fp model, held-out, mean over heads and queries):")
-    print("  " + " ".join(f"{m:.2f}" for m in mass))
+    if not args.ablation_only:
+        mass = sink_mass(params, model.cfg, held[: args.heldout])
+        print("attention weight on position 0 (fp model, held-out, mean over heads and queries):")
+        print("  " + " ".join(f"{m:.2f}" for m in mass))
     if args.sink_only:
         return
     q = {}
@@ -163,9 +177,16 @@ def main() -> None:
         m = get_method(name)
         q[name] = m.quantize_model(params, model.cfg, calib, config_for(m, bits, group))
         print(f"{name}: {q[name].bits_per_weight:.3f} bpw, {q[name].seconds / 60:.1f} min")
+    if not args.ablation_only:
+        error_tables(args, params, model.cfg, q, calib, held)
+    if not args.no_ablation:
+        ablation(args.setting, model, params, tok, q, [VARIANTS[k] for k in args.variants])
 
-    fp_stats = fp_hessians(params, model.cfg, held[: args.heldout])
-    H = {"calib": fp_hessians(params, model.cfg, calib)["H"], "held-out": fp_stats["H"],
+
+def error_tables(args, params, cfg, q, calib, held) -> None:
+    """Steps 2 and 3: relative output errors per linear type, attention-logit error energy."""
+    fp_stats = fp_hessians(params, cfg, held[: args.heldout])
+    H = {"calib": fp_hessians(params, cfg, calib)["H"], "held-out": fp_stats["H"],
          "held-out, position 0": fp_stats["H0"]}  # fmt: skip
 
     err = defaultdict(dict)  # (method, set) -> {linear name: relative output error}
@@ -195,24 +216,22 @@ def main() -> None:
     print(f"\n## {args.setting}: relative attention-logit error energy (held-out), mean\n")
     print("| source | RTN | GPTQ | GPTQ / RTN (geo. mean of blocks) | blocks GPTQ > RTN |")
     print("|---|---:|---:|---:|---:|")
-    le = {m: logit_error(params, q[m].params, model.cfg, H["held-out"]) for m in q}
+    le = {m: logit_error(params, q[m].params, cfg, H["held-out"]) for m in q}
     for t in "qk":
         r = [g / n for g, n in zip(le["gptq"][t], le["rtn"][t], strict=True)]
         print(f"| δ{t} | {np.mean(le['rtn'][t]):.2e} | {np.mean(le['gptq'][t]):.2e} | "
               f"{gmean(r):.3f} | {sum(x > 1 for x in r)} / {len(r)} |")  # fmt: skip
 
-    if args.no_ablation:
-        return
-    print(f"\n## {args.setting}: perplexity, RTN with GPTQ's weights swapped in (16 × 512)\n")
+
+def ablation(setting, model, params, tok, q, variants) -> None:
+    """Step 4: perplexity of RTN with GPTQ's weights swapped in for some linear types."""
+    print(f"\n## {setting}: perplexity, RTN with GPTQ's weights swapped in (16 × 512)\n")
     print("| model | WikiText-2 | C4 |\n|---|---:|---:|")
     ecfg = EvalConfig(progress=False)
-    variants = {"RTN everywhere": (), "GPTQ everywhere": tuple(TYPES)}
-    variants |= {f"GPTQ on {t} only": (t,) for t in TYPES}
-    variants["GPTQ on all but q, k"] = tuple(u for u in TYPES if u not in ("q", "k"))
-    variants["GPTQ on all but q, k, v"] = tuple(u for u in TYPES if u not in ("q", "k", "v"))
-    for label, types in variants.items():
+    names = [f"blocks.{i}.{rel}" for i in range(model.cfg.n_layers) for rel in BLOCK_LINEARS]
+    for label, types in variants:
         p = q["rtn"].params
-        for name in H["calib"]:
+        for name in names:
             if any(name.split(".", 2)[2] in TYPES[t] for t in types):
                 p = set_param(p, name, get_param(q["gptq"].params, name))
         ppl = [
