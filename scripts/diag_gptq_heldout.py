@@ -21,8 +21,8 @@ that gain carries over to other text, and which linears carry the end-to-end los
 4. Ablation: start from RTN and swap in GPTQ's weights for one linear type at a time (and for
    all but v — the remedy "keep v_proj at RTN" — all but q/k and all but q/k/v), then evaluate
    perplexity with the table's protocol (first 16 windows of 512). ``--ablation-only`` skips
-   steps 2–3; ``--variants`` picks variants by key (``rtn gptq q k v o gate/up down -v -qk
-   -qkv``).
+   steps 2–3; ``--variants`` picks variants by key (``rtn gptq q k v o gate/up down no-v no-qk
+   no-qkv``).
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python scripts/diag_gptq_heldout.py --setting W4g128
 """
@@ -59,7 +59,7 @@ TYPES = {
 VARIANTS = {"rtn": ("RTN everywhere", ()), "gptq": ("GPTQ everywhere", tuple(TYPES))}
 VARIANTS |= {t: (f"GPTQ on {t} only", (t,)) for t in TYPES}
 for _drop in ("v", "qk", "qkv"):
-    VARIANTS["-" + _drop] = (
+    VARIANTS["no-" + _drop] = (
         f"GPTQ on all but {', '.join(_drop)}",
         tuple(t for t in TYPES if t not in tuple(_drop)),
     )
