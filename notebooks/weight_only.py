@@ -119,13 +119,18 @@ if ("fp", "fp") not in PPL:
     raise KeyError("no full-precision WikiText-2 row: add one with weight_only_table.py --fp")
 FP_PPL = PPL[("fp", "fp")][1]
 fig, ax = plt.subplots(figsize=(6.5, 4.2))
-for setting, marker in zip(SETTINGS, "os^vD", strict=False):
+COLOR = {m: f"C{i}" for i, m in enumerate(METHODS)}  # colour = method, marker = setting
+MARKER = dict(zip(SETTINGS, "os^vDP", strict=False))
+for setting in SETTINGS:
     for m in METHODS:
         if (setting, m) not in PPL:  # not measured (rows loaded from an earlier run)
             continue
         bpw, ppl = PPL[(setting, m)]
-        ax.scatter(bpw, ppl, marker=marker, label=f"{m} {setting}")
-        ax.annotate(m, (bpw, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.scatter(bpw, ppl, marker=MARKER[setting], color=COLOR[m])
+for m in METHODS:
+    ax.scatter([], [], marker="s", color=COLOR[m], label=m)
+for setting in SETTINGS:
+    ax.scatter([], [], marker=MARKER[setting], color="grey", label=setting)
 ax.axhline(FP_PPL, color="k", lw=0.8, ls="--", label=f"fp (Q4_1 GGUF) {FP_PPL:.1f}")
 ax.set_xlabel("bits per weight (codes + scales + zeros + outliers)")
 ax.set_ylabel("WikiText-2 perplexity")
