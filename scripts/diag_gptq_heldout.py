@@ -42,7 +42,7 @@ from harness.calibration import c4_calibration
 from harness.data import perplexity_text
 from harness.evaluate import EvalConfig, perplexity_windows
 from harness.layers import Hooks, dense
-from harness.model import BLOCK_LINEARS, Model, get_param, set_param
+from harness.model import BLOCK_LINEARS, Model, get_param, linear_names, set_param
 from harness.pipeline import eval_perplexity, load
 from methods.base import get_method
 from methods.compare import config_for, parse_setting
@@ -228,10 +228,9 @@ def ablation(setting, model, params, tok, q, variants) -> None:
     print(f"\n## {setting}: perplexity, RTN with GPTQ's weights swapped in (16 × 512)\n")
     print("| model | WikiText-2 | C4 |\n|---|---:|---:|")
     ecfg = EvalConfig(progress=False)
-    names = [f"blocks.{i}.{rel}" for i in range(model.cfg.n_layers) for rel in BLOCK_LINEARS]
     for label, types in variants:
         p = q["rtn"].params
-        for name in names:
+        for name in linear_names(model.cfg):
             if any(name.split(".", 2)[2] in TYPES[t] for t in types):
                 p = set_param(p, name, get_param(q["gptq"].params, name))
         ppl = [
