@@ -45,8 +45,9 @@ class _LazyTokens(Sequence):
         return self.cache[i]
 
 
-def random_segments(token_docs: Sequence[Sequence[int]], *, n_samples: int, seqlen: int,
-                    seed: int = 0) -> Int[np.ndarray, "n seqlen"]:
+def random_segments(
+    token_docs: Sequence[Sequence[int]], *, n_samples: int, seqlen: int, seed: int = 0
+) -> Int[np.ndarray, "n seqlen"]:
     """GPTQ's draw of ``n_samples`` windows of ``seqlen`` tokens from tokenized documents."""
     if n_samples < 1 or seqlen < 1:
         raise ValueError(f"n_samples and seqlen must be positive, got {n_samples}, {seqlen}")
@@ -69,9 +70,11 @@ def random_segments(token_docs: Sequence[Sequence[int]], *, n_samples: int, seql
     return out
 
 
-def c4_calibration(tokenizer: Any, *, n_samples: int = 128, seqlen: int = 2048, seed: int = 0,
-                   data_dir: Any = None) -> Int[np.ndarray, "n seqlen"]:
+def c4_calibration(
+    tokenizer: Any, *, n_samples: int = 128, seqlen: int = 2048, seed: int = 0, data_dir: Any = None
+) -> Int[np.ndarray, "n seqlen"]:
     """``n_samples`` × ``seqlen`` calibration tokens from C4 (GPTQ defaults: 128 × 2048, seed 0)."""
     docs = data_lib.c4_documents(data_dir, split="train")
-    return random_segments(_LazyTokens(docs, tokenizer), n_samples=n_samples, seqlen=seqlen,
-                           seed=seed)
+    return random_segments(
+        _LazyTokens(docs, tokenizer), n_samples=n_samples, seqlen=seqlen, seed=seed
+    )

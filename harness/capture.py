@@ -39,7 +39,7 @@ from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
 from harness.layers import NO_HOOKS, Hooks
-from harness.model import ADAPTERS, BLOCK_LINEARS, Model, ModelConfig
+from harness.model import ADAPTERS, BLOCK_LINEARS, KV_SITES, OUTPUT_SITE, Model, ModelConfig
 
 
 class Accumulator(NamedTuple):
@@ -142,12 +142,12 @@ def _shared_layer(model: Model, i: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _stats_step(
-    model: Model, i: int, leaders: tuple[str, ...], accs: tuple[tuple[str, Accumulator], ...]
-):
+def _stats_step(model: Model, i: int, spec: tuple[tuple[str, tuple[tuple[str, Accumulator], ...]]]):
+    """One jitted micro-batch step: ``spec`` = ((captured name, ((stat, accumulator), …)), …)."""
+
     def step(states, block_params, h, mix, down_in):
         _, ins = model.apply_block(block_params, i, h, capture=True, mix=mix, down_in=down_in)
-        return {ld: {k: acc.update(states[ld][k], ins[ld]) for k, acc in accs} for ld in leaders}
+        return {ld: {k: acc.update(states[ld][k], ins[ld]) for k, acc in accs} for ld, accs in spec}
 
     return jax.jit(step)
 
@@ -168,7 +168,8 @@ def _input_fn(model: Model, i: int, name: str):
 def _input_dims(cfg: ModelConfig) -> dict[str, int]:
     d_attn = cfg.n_heads * cfg.head_dim
     dims = {n: cfg.d_model for n in BLOCK_LINEARS}
-    dims.update({"attn.o_proj": d_attn, "mlp.down_proj": cfg.d_ff})
+    dims.update({"attn.o_proj": d_attn, "mlp.down_proj": cfg.d_ff, OUTPUT_SITE: cfg.d_model})
+    dims.update({site: cfg.n_kv_heads * cfg.head_dim for site in KV_SITES})
     return dims
 
 
@@ -193,43 +194,56 @@ def block_stats(
     accumulators: Mapping[str, Accumulator],
     *,
     names: tuple[str, ...] | None = None,
+    sites: Mapping[str, Mapping[str, Accumulator]] | None = None,
     batch_size: int = 8,
     mix: Float[Array, "n t e"] | None = None,
     down_in: Float[Array, "n t f"] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Statistics of the inputs of block ``i``'s linears ``names`` (block-relative; default all),
-    streamed over micro-batches of ``batch_size`` sequences. ``mix``: cached attention output
-    (see :meth:`BlockCalibration.cache_attention`); q/k/v statistics are then unavailable.
-    ``down_in``: cached down_proj input (:meth:`BlockCalibration.cache_down_input`); likewise
-    gate/up's."""
+    streamed over micro-batches of ``batch_size`` sequences. ``names`` may also hold capture
+    sites (``KV_SITES``, ``OUTPUT_SITE``): those get the accumulators ``sites[site]`` instead of
+    ``accumulators``. ``mix``: cached attention output (see
+    :meth:`BlockCalibration.cache_attention`); q/k/v and key/value statistics are then
+    unavailable. ``down_in``: cached down_proj input (:meth:`BlockCalibration.cache_down_input`);
+    likewise gate/up's."""
     names = BLOCK_LINEARS if names is None else tuple(names)
-    unknown = set(names) - set(BLOCK_LINEARS)
+    sites = sites or {}
+    unknown = set(names) - set(BLOCK_LINEARS) - set(KV_SITES) - {OUTPUT_SITE}
     if unknown:
         raise ValueError(
-            f"unknown linear names {sorted(unknown)}; expected some of {BLOCK_LINEARS}"
+            f"unknown linear names or sites {sorted(unknown)}; expected some of "
+            f"{BLOCK_LINEARS + KV_SITES + (OUTPUT_SITE,)}"
         )
+    missing = [n for n in names if n not in BLOCK_LINEARS and not sites.get(n)]
+    if missing:
+        raise ValueError(f"no accumulators given for the capture sites {missing}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if mix is not None and set(names) & set(_QKV):
+    if mix is not None and set(names) & set(_QKV + KV_SITES):
         raise ValueError(
-            f"the attention output is cached, so the inputs of {_QKV} are not recomputed; "
-            "capture them before cache_attention"
+            f"the attention output is cached, so the inputs of {_QKV} and the keys / values are "
+            "not recomputed; capture them before cache_attention"
         )
-    if down_in is not None and set(names) & set(_QKV + _GATE_UP):
+    if down_in is not None and set(names) & set(_QKV + _GATE_UP + KV_SITES):
         raise ValueError(
             f"down_proj's input is cached, so the inputs of {_QKV + _GATE_UP} are not "
             "recomputed; capture them before cache_down_input"
         )
     groups = _leaders(model.cfg, names)
-    if not groups:
+    groups |= {n: (n,) for n in names if n not in BLOCK_LINEARS}
+    linear = tuple(sorted(accumulators.items()))
+    spec = tuple(
+        (ld, linear if ld in BLOCK_LINEARS else tuple(sorted(sites[ld].items()))) for ld in groups
+    )
+    spec = tuple((ld, accs) for ld, accs in spec if accs)
+    if not spec:
         return {}
-    accs = tuple(sorted(accumulators.items()))
     dims = _input_dims(model.cfg)
-    states = {ld: {k: acc.init(dims[ld]) for k, acc in accs} for ld in groups}
-    step = _stats_step(model, _shared_layer(model, i), tuple(groups), accs)
+    states = {ld: {k: acc.init(dims[ld]) for k, acc in accs} for ld, accs in spec}
+    step = _stats_step(model, _shared_layer(model, i), spec)
     for sl in _batches(inputs.shape[0], batch_size):
         states = step(states, block_params, inputs[sl], _part(mix, sl), _part(down_in, sl))
-    return {n: states[ld] for ld, members in groups.items() for n in members}
+    return {n: states[ld] for ld, members in groups.items() if ld in states for n in members}
 
 
 @dataclass
@@ -242,6 +256,7 @@ class BlockCalibration(Mapping):
     inputs: Float[Array, "n t d"]  # hidden states entering the block (after previous blocks)
     accumulators: Mapping[str, Accumulator]
     batch_size: int
+    sites: Mapping[str, Mapping[str, Accumulator]] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     mix: Float[Array, "n t e"] | None = None  # cached attention output (cache_attention)
     down_in: Float[Array, "n t f"] | None = None  # cached down_proj input (cache_down_input)
@@ -270,6 +285,7 @@ class BlockCalibration(Mapping):
             self.inputs,
             self.accumulators,
             names=names,
+            sites=self.sites,
             batch_size=self.batch_size,
             mix=self.mix,
             down_in=self.down_in,
@@ -324,6 +340,7 @@ def sequential(
     *,
     accumulators: Mapping[str, Accumulator] | None = None,
     names: tuple[str, ...] | None = None,
+    sites: Mapping[str, Mapping[str, Accumulator]] | None = None,
     hooks: Hooks = NO_HOOKS,
     batch_size: int = 8,
     progress: bool = False,
@@ -340,6 +357,10 @@ def sequential(
     ``done_blocks`` (resuming an interrupted run): ``{i: new block params}`` already computed;
     those blocks are not captured nor passed to ``on_block`` — only run forward, so the next
     block sees the same inputs as in an uninterrupted run.
+
+    ``sites`` (``{site: {stat: Accumulator}}``, e.g. from ``harness.stats.plan``): statistics of
+    the keys / values / block output (``KV_SITES``, ``OUTPUT_SITE``), captured with the block's
+    params as ``on_block`` receives them, beside the linear inputs.
     """
     tokens = jnp.asarray(calib_tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.size == 0:
@@ -348,6 +369,7 @@ def sequential(
             f"got {tokens.dtype}{tokens.shape}"
         )
     accumulators = DEFAULT_ACCUMULATORS if accumulators is None else accumulators
+    sites = dict(sites or {})
     model = Model(cfg, hooks)
     embed = jax.jit(model.embed)
     h = jnp.concatenate(
@@ -356,12 +378,14 @@ def sequential(
     blocks = list(params["blocks"])
     done_blocks = done_blocks or {}
     for i in tqdm(range(cfg.n_layers), desc="calibration", disable=not progress):
-        calib = BlockCalibration(model, i, h, accumulators, batch_size)
+        calib = BlockCalibration(model, i, h, accumulators, batch_size, sites)
         if i in done_blocks:
             blocks[i] = done_blocks[i]
             h = calib.outputs(blocks[i])
             continue
-        calib.recapture(blocks[i], names)
+        calib.recapture(
+            blocks[i], (BLOCK_LINEARS if names is None else tuple(names)) + tuple(sites)
+        )
         new = on_block(i, blocks[i], calib)
         if new is None:
             raise TypeError(f"on_block returned None for block {i}; return the (new) block params")

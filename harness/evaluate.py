@@ -55,8 +55,16 @@ from harness import data as data_lib
 from harness.tasks import TASKS, Request
 
 __all__ = [
-    "EvalConfig", "PerplexityConfig", "PerplexityResult", "ZeroShotResult", "perplexity_windows",
-    "score_rows", "perplexity", "corpus_perplexity", "encode_requests", "loglikelihoods",
+    "EvalConfig",
+    "PerplexityConfig",
+    "PerplexityResult",
+    "ZeroShotResult",
+    "perplexity_windows",
+    "score_rows",
+    "perplexity",
+    "corpus_perplexity",
+    "encode_requests",
+    "loglikelihoods",
     "zero_shot",
 ]
 
@@ -104,8 +112,9 @@ class ZeroShotResult:
 # --- scoring engine -----------------------------------------------------------------------------
 
 
-def _row_scores(fn: Partial, tokens: Int[Array, "B T"], targets: Int[Array, "B T"],
-                mask: Bool[Array, "B T"]) -> tuple[Float[Array, " B"], Bool[Array, " B"]]:
+def _row_scores(
+    fn: Partial, tokens: Int[Array, "B T"], targets: Int[Array, "B T"], mask: Bool[Array, "B T"]
+) -> tuple[Float[Array, " B"], Bool[Array, " B"]]:
     logits = fn(tokens).astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[:, :, None], axis=-1)[:, :, 0]
@@ -136,9 +145,14 @@ def _bucket(n: int, cfg: EvalConfig) -> int:
     return max(n, min(b, cfg.max_length))
 
 
-def score_rows(logits_fn: LogitsFn, rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-               cfg: EvalConfig = EvalConfig(), *, length: int | None = None,
-               desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
+def score_rows(
+    logits_fn: LogitsFn,
+    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    cfg: EvalConfig = EvalConfig(),
+    *,
+    length: int | None = None,
+    desc: str = "scoring",
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row (inputs[n], targets[n], mask[n]): the summed log p(target) over the mask (float64)
     and whether every masked target is the argmax. ``length`` pads every row to exactly that
     length instead of bucketing."""
@@ -173,8 +187,9 @@ def score_rows(logits_fn: LogitsFn, rows: Sequence[tuple[np.ndarray, np.ndarray,
         if L not in vocab:  # shape check before compiling, with a clear message
             out = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape, jnp.int32))
             if out.ndim != 3 or out.shape[:2] != x.shape:
-                raise ValueError(f"logits_fn returned shape {out.shape} for tokens {x.shape}; "
-                                 "expected [B, T, V]")
+                raise ValueError(
+                    f"logits_fn returned shape {out.shape} for tokens {x.shape}; expected [B, T, V]"
+                )
             vocab[L] = out.shape[2]
         lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
         if lo < 0 or hi >= vocab[L]:
@@ -191,8 +206,9 @@ def score_rows(logits_fn: LogitsFn, rows: Sequence[tuple[np.ndarray, np.ndarray,
 # --- perplexity ---------------------------------------------------------------------------------
 
 
-def perplexity_windows(tokens: Int[np.ndarray, " N"], *, seqlen: int, protocol: str = "gptq",
-                       bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def perplexity_windows(
+    tokens: Int[np.ndarray, " N"], *, seqlen: int, protocol: str = "gptq", bos_id: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Windows [W, seqlen] and the mask [W, seqlen] of scored positions (position t predicts
     token t+1) of a protocol; ``bos_id`` (pass it when the tokenizer adds BOS) replaces each
     window's first token."""
@@ -212,21 +228,29 @@ def perplexity_windows(tokens: Int[np.ndarray, " N"], *, seqlen: int, protocol: 
         mask[:, : seqlen - 1] = True
     elif protocol == "llama.cpp":
         if len(tokens) < 2 * seqlen:
-            raise ValueError(f"llama.cpp's protocol needs at least 2*n_ctx = {2 * seqlen} tokens, "
-                             f"got {len(tokens)}")
+            raise ValueError(
+                f"llama.cpp's protocol needs at least 2*n_ctx = {2 * seqlen} tokens, "
+                f"got {len(tokens)}"
+            )
         mask[:, seqlen // 2 : seqlen - 1] = True
     else:
         raise ValueError(f"unknown perplexity protocol {protocol!r} (gptq, llama.cpp)")
     return windows, mask
 
 
-def perplexity(logits_fn: LogitsFn, tokens: Int[np.ndarray, " N"],
-               cfg: PerplexityConfig = PerplexityConfig(), *, bos_id: int | None = None,
-               eval_cfg: EvalConfig = EvalConfig()) -> PerplexityResult:
+def perplexity(
+    logits_fn: LogitsFn,
+    tokens: Int[np.ndarray, " N"],
+    cfg: PerplexityConfig = PerplexityConfig(),
+    *,
+    bos_id: int | None = None,
+    eval_cfg: EvalConfig = EvalConfig(),
+) -> PerplexityResult:
     """Perplexity of a token stream under ``cfg.protocol``; ``bos_id`` is the BOS written at each
     window start (pass it when the tokenizer adds BOS)."""
-    windows, mask = perplexity_windows(tokens, seqlen=cfg.seqlen, protocol=cfg.protocol,
-                                       bos_id=bos_id)
+    windows, mask = perplexity_windows(
+        tokens, seqlen=cfg.seqlen, protocol=cfg.protocol, bos_id=bos_id
+    )
     if cfg.limit is not None:
         if cfg.limit < 1:
             raise ValueError(f"limit must be positive, got {cfg.limit}")
@@ -234,18 +258,35 @@ def perplexity(logits_fn: LogitsFn, tokens: Int[np.ndarray, " N"],
     targets = np.concatenate([windows[:, 1:], np.zeros((len(windows), 1), np.int32)], axis=1)
     rows = [(windows[i], targets[i], mask[i]) for i in range(len(windows))]
     t0 = time.perf_counter()
-    sums, _ = score_rows(logits_fn, rows, eval_cfg, length=cfg.seqlen,
-                         desc=f"perplexity ({cfg.protocol}, {cfg.seqlen})")
+    sums, _ = score_rows(
+        logits_fn,
+        rows,
+        eval_cfg,
+        length=cfg.seqlen,
+        desc=f"perplexity ({cfg.protocol}, {cfg.seqlen})",
+    )
     n = int(mask.sum())
     nll = float(-sums.sum() / n)
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=n, windows=len(windows),
-                            protocol=cfg.protocol, seqlen=cfg.seqlen,
-                            seconds=time.perf_counter() - t0)
+    return PerplexityResult(
+        ppl=math.exp(nll),
+        nll=nll,
+        tokens=n,
+        windows=len(windows),
+        protocol=cfg.protocol,
+        seqlen=cfg.seqlen,
+        seconds=time.perf_counter() - t0,
+    )
 
 
-def corpus_perplexity(logits_fn: LogitsFn, tokenizer: Any, corpus: str = "wikitext2",
-                      cfg: PerplexityConfig = PerplexityConfig(), *, data_dir: Any = None,
-                      eval_cfg: EvalConfig = EvalConfig()) -> PerplexityResult:
+def corpus_perplexity(
+    logits_fn: LogitsFn,
+    tokenizer: Any,
+    corpus: str = "wikitext2",
+    cfg: PerplexityConfig = PerplexityConfig(),
+    *,
+    data_dir: Any = None,
+    eval_cfg: EvalConfig = EvalConfig(),
+) -> PerplexityResult:
     """Perplexity on a corpus of ``harness.data`` ("wikitext2", "ptb", "ptb_valid", "c4"),
     tokenized once with the tokenizer's own BOS rule. C4 keeps GPTQ's 256 windows unless
     ``cfg.limit`` is set."""
@@ -261,8 +302,9 @@ def corpus_perplexity(logits_fn: LogitsFn, tokenizer: Any, corpus: str = "wikite
 # --- log-likelihood requests (lm-eval) ----------------------------------------------------------
 
 
-def encode_requests(tokenizer: Any, requests: Sequence[Request], max_length: int
-                    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def encode_requests(
+    tokenizer: Any, requests: Sequence[Request], max_length: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Rows (inputs, targets, mask) of lm-eval ``loglikelihood`` requests (``_encode_pair``)."""
     ctxs, conts = [], []
     for r in requests:
@@ -279,19 +321,24 @@ def encode_requests(tokenizer: Any, requests: Sequence[Request], max_length: int
         if c == "":  # lm-eval: the prefix token (BOS) as the whole context
             ce, ke = [tokenizer.bos_id], tokenizer.encode(k, add_bos=False)
         else:
-            ke = w[len(ce):]
+            ke = w[len(ce) :]
         if len(ke) > max_length:
             raise ValueError(f"continuation of {len(ke)} tokens exceeds max_length={max_length}")
-        full = np.asarray((ce + ke)[-(max_length + 1):], np.int32)
+        full = np.asarray((ce + ke)[-(max_length + 1) :], np.int32)
         mask = np.zeros(len(full) - 1, bool)
-        mask[len(mask) - len(ke):] = True
+        mask[len(mask) - len(ke) :] = True
         rows.append((full[:-1], full[1:], mask))
     return rows
 
 
-def loglikelihoods(logits_fn: LogitsFn, tokenizer: Any, requests: Sequence[Request],
-                   cfg: EvalConfig = EvalConfig(), *, desc: str = "loglikelihood"
-                   ) -> tuple[np.ndarray, np.ndarray, int]:
+def loglikelihoods(
+    logits_fn: LogitsFn,
+    tokenizer: Any,
+    requests: Sequence[Request],
+    cfg: EvalConfig = EvalConfig(),
+    *,
+    desc: str = "loglikelihood",
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Summed log-likelihood and greedy flag of each request's continuation, and the number of
     input tokens fed to the model."""
     rows = encode_requests(tokenizer, requests, cfg.max_length)
@@ -303,9 +350,16 @@ def _mean_stderr(x: np.ndarray) -> float:
     return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
-def zero_shot(logits_fn: LogitsFn, tokenizer: Any, task: str, *, limit: int | None = None,
-              data_dir: Any = None, docs: Sequence[dict[str, Any]] | None = None,
-              cfg: EvalConfig = EvalConfig()) -> ZeroShotResult:
+def zero_shot(
+    logits_fn: LogitsFn,
+    tokenizer: Any,
+    task: str,
+    *,
+    limit: int | None = None,
+    data_dir: Any = None,
+    docs: Sequence[dict[str, Any]] | None = None,
+    cfg: EvalConfig = EvalConfig(),
+) -> ZeroShotResult:
     """lm-eval zero-shot metrics of ``task`` on its first ``limit`` documents (all if None);
     ``docs`` overrides the documents ``harness.data.load_task_docs`` would load."""
     if task not in TASKS:
@@ -327,8 +381,15 @@ def zero_shot(logits_fn: LogitsFn, tokenizer: Any, task: str, *, limit: int | No
         lls, gr = sums[k : k + n], greedy[k : k + n]
         k += n
         lengths = np.array([float(len(c)) for c in it.choices])
-        per_doc.append({"lls": lls.tolist(), "greedy": gr.tolist(), "gold": it.gold,
-                        "pred": int(np.argmax(lls)), "pred_norm": int(np.argmax(lls / lengths))})
+        per_doc.append(
+            {
+                "lls": lls.tolist(),
+                "greedy": gr.tolist(),
+                "gold": it.gold,
+                "pred": int(np.argmax(lls)),
+                "pred_norm": int(np.argmax(lls / lengths)),
+            }
+        )
     metrics: dict[str, float] = {}
     if spec.kind == "loglikelihood":
         ll = np.array([d["lls"][0] for d in per_doc])
@@ -340,5 +401,6 @@ def zero_shot(logits_fn: LogitsFn, tokenizer: Any, task: str, *, limit: int | No
             if name in spec.metrics:
                 hits = np.array([float(d[key] == d["gold"]) for d in per_doc])
                 metrics[name], metrics[f"{name}_stderr"] = float(hits.mean()), _mean_stderr(hits)
-    return ZeroShotResult(task=task, n=len(items), metrics=metrics, tokens=n_tokens,
-                          seconds=seconds, per_doc=per_doc)
+    return ZeroShotResult(
+        task=task, n=len(items), metrics=metrics, tokens=n_tokens, seconds=seconds, per_doc=per_doc
+    )

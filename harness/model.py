@@ -188,6 +188,9 @@ _LLAMA_GROUPS = (
 # its q/k norms sit after q_proj / k_proj, so none of them precedes a linear input.
 ADAPTERS: dict[str, tuple[LinearGroup, ...]] = {"llama": _LLAMA_GROUPS, "gemma3": _LLAMA_GROUPS}
 BLOCK_LINEARS: tuple[str, ...] = tuple(n for g in _LLAMA_GROUPS for n in g.names)
+# Capture sites besides the linear inputs (``apply_block(capture=True)``; harness.stats):
+KV_SITES: tuple[str, ...] = ("attn.k_pre_rope", "attn.k", "attn.v")  # [b, t, kv·hd]
+OUTPUT_SITE = "block.output"  # the block's output hidden states [b, t, d]
 
 
 def linear_names(cfg: ModelConfig) -> list[str]:
@@ -296,6 +299,10 @@ class _Seamed(nn.Module):
 
 
 class Attention(_Seamed):
+    def _sow_kv(self, site: str, a: Array) -> None:
+        """Record keys / values ``[b, t, kv, hd]`` as ``[b, t, kv·hd]`` when capturing."""
+        self.sow("linear_inputs", site, a.reshape(*a.shape[:2], -1))
+
     @nn.compact
     def __call__(
         self,
@@ -319,12 +326,15 @@ class Attention(_Seamed):
         if c.qk_norm:
             q = self._norm("q_norm", q)
             k = self._norm("k_norm", k)
+        self._sow_kv("k_pre_rope", k)  # the capture sites (harness.stats), before kv_quant
+        self._sow_kv("v", v)
         if hk.kv_quant is not None and hk.kv_quant_pre_rope:
             k, v = hk.kv_quant(self.layer, k, v)
         inv_freq = c.rope_inv_freq(self.layer)
         rope_pos = default_positions(x) if positions is None else positions
         q = apply_rope(q, rope_pos, inv_freq)
         k = apply_rope(k, rope_pos, inv_freq)
+        self._sow_kv("k", k)
         if hk.kv_quant is not None and not hk.kv_quant_pre_rope:
             k, v = hk.kv_quant(self.layer, k, v)
         o = causal_attention(q, k, v, positions, scale=c.scale, window=c.window(self.layer))
@@ -416,9 +426,11 @@ class Model:
     ):
         """Block ``i`` on ``h`` with its own params. With ``capture=True`` also returns the input
         of every linear that ran: ``{"attn.q_proj": x, ..., "mlp.down_proj": x}`` (before
-        act_quant). ``mix`` ``[b, t, n_heads·head_dim]``: the attention heads' output (o_proj's
-        captured input) from an earlier call with the same q/k/v/norm weights; q/k/v and the
-        attention itself are then skipped (and not captured) — the block's result is unchanged.
+        act_quant), the keys and values at ``KV_SITES`` (before kv_quant, flattened over heads)
+        and the block output at ``OUTPUT_SITE``. ``mix`` ``[b, t, n_heads·head_dim]``: the
+        attention heads' output (o_proj's captured input) from an earlier call with the same
+        q/k/v/norm weights; q/k/v and the attention itself are then skipped (and not captured)
+        — the block's result is unchanged.
         ``down_in`` ``[b, t, d_ff]``: likewise down_proj's input (gate/up and the activation
         are skipped)
         ``positions=None`` (the default) means in order, ``0 … t-1``: the same result as
@@ -430,7 +442,8 @@ class Model:
             {"params": block_params}, h, positions, mix, down_in, mutable=["linear_inputs"]
         )
         ins = state["linear_inputs"]
-        return out, {n: v[0] for n in BLOCK_LINEARS if (v := _maybe(ins, n)) is not None}
+        got = {n: v[0] for n in BLOCK_LINEARS + KV_SITES if (v := _maybe(ins, n)) is not None}
+        return out, got | {OUTPUT_SITE: out}
 
     def block(self, params: Any, i: int, h: Array, positions: Array | None = None) -> Array:
         return self.apply_block(params["blocks"][i], i, h, positions)

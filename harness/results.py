@@ -22,12 +22,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultRow", "MARKDOWN_HEADER", "markdown_row", "append_results", "load_results",
-           "perplexity_row", "zero_shot_rows"]
+__all__ = [
+    "ResultRow",
+    "MARKDOWN_HEADER",
+    "markdown_row",
+    "append_results",
+    "load_results",
+    "perplexity_row",
+    "zero_shot_rows",
+]
 
 _COLUMNS = ("model", "method", "bits", "dataset", "metric", "value", "tokens", "seconds")
-MARKDOWN_HEADER = ("| " + " | ".join(_COLUMNS) + " |\n"
-                   + "|" + "|".join(["---"] * 5 + ["---:"] * 3) + "|\n")
+MARKDOWN_HEADER = (
+    "| " + " | ".join(_COLUMNS) + " |\n" + "|" + "|".join(["---"] * 5 + ["---:"] * 3) + "|\n"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,13 +58,22 @@ class ResultRow:
             raise ValueError(f"ResultRow.value must be finite, got {self.value}")
         if self.tokens < 0 or not math.isfinite(self.seconds) or self.seconds < 0:
             raise ValueError(
-                f"tokens and seconds must be non-negative: {self.tokens}, {self.seconds}")
+                f"tokens and seconds must be non-negative: {self.tokens}, {self.seconds}"
+            )
 
 
 def markdown_row(row: ResultRow) -> str:
     """The row as a line of the markdown table under ``MARKDOWN_HEADER``."""
-    cells = [row.model, row.method, row.bits, row.dataset, row.metric, f"{row.value:.4f}",
-             str(row.tokens), f"{row.seconds:.1f}"]
+    cells = [
+        row.model,
+        row.method,
+        row.bits,
+        row.dataset,
+        row.metric,
+        f"{row.value:.4f}",
+        str(row.tokens),
+        f"{row.seconds:.1f}",
+    ]
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n"
 
 
@@ -94,12 +111,15 @@ def load_results(json_path: str | Path) -> list[ResultRow]:
             raise ValueError("top level is not a list")
         return [ResultRow(**r) for r in records]
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not a results file this code wrote ({e}); "
-                         "move it aside — it will not be overwritten") from e
+        raise ValueError(
+            f"{path} is not a results file this code wrote ({e}); "
+            "move it aside — it will not be overwritten"
+        ) from e
 
 
-def append_results(rows: Iterable[ResultRow], *, json_path: str | Path,
-                   markdown_path: str | Path | None = None) -> None:
+def append_results(
+    rows: Iterable[ResultRow], *, json_path: str | Path, markdown_path: str | Path | None = None
+) -> None:
     """Append rows to the JSON results file and (optionally) the markdown table."""
     rows = list(rows)
     for r in rows:
@@ -120,26 +140,54 @@ def append_results(rows: Iterable[ResultRow], *, json_path: str | Path,
             _replace(md, (old or MARKDOWN_HEADER) + "".join(markdown_row(r) for r in rows))
 
 
-def perplexity_row(result: Any, *, model: str, method: str, bits: str, dataset: str,
-                   notes: dict[str, Any] | None = None) -> ResultRow:
+def perplexity_row(
+    result: Any,
+    *,
+    model: str,
+    method: str,
+    bits: str,
+    dataset: str,
+    notes: dict[str, Any] | None = None,
+) -> ResultRow:
     """A ``ResultRow`` of a ``harness.evaluate.PerplexityResult`` (protocol and seqlen noted)."""
     meta = {"protocol": result.protocol, "seqlen": result.seqlen, "windows": result.windows}
-    return ResultRow(model=model, method=method, bits=bits, dataset=dataset, metric="ppl",
-                     value=result.ppl, tokens=result.tokens, seconds=result.seconds,
-                     notes={**meta, **(notes or {})})
+    return ResultRow(
+        model=model,
+        method=method,
+        bits=bits,
+        dataset=dataset,
+        metric="ppl",
+        value=result.ppl,
+        tokens=result.tokens,
+        seconds=result.seconds,
+        notes={**meta, **(notes or {})},
+    )
 
 
-def zero_shot_rows(result: Any, *, model: str, method: str, bits: str,
-                   notes: dict[str, Any] | None = None) -> list[ResultRow]:
+def zero_shot_rows(
+    result: Any, *, model: str, method: str, bits: str, notes: dict[str, Any] | None = None
+) -> list[ResultRow]:
     """One ``ResultRow`` per metric of a ``harness.evaluate.ZeroShotResult`` (stderr in notes)."""
     out = []
     for name, value in result.metrics.items():
         if name.endswith("_stderr"):
             continue
         stderr = result.metrics.get(f"{name}_stderr")
-        meta = {"n": result.n, **({"stderr": stderr} if stderr is not None
-                                  and math.isfinite(stderr) else {})}
-        out.append(ResultRow(model=model, method=method, bits=bits, dataset=result.task,
-                             metric=name, value=value, tokens=result.tokens,
-                             seconds=result.seconds, notes={**meta, **(notes or {})}))
+        meta = {
+            "n": result.n,
+            **({"stderr": stderr} if stderr is not None and math.isfinite(stderr) else {}),
+        }
+        out.append(
+            ResultRow(
+                model=model,
+                method=method,
+                bits=bits,
+                dataset=result.task,
+                metric=name,
+                value=value,
+                tokens=result.tokens,
+                seconds=result.seconds,
+                notes={**meta, **(notes or {})},
+            )
+        )
     return out

@@ -59,14 +59,20 @@ class Task:
 def _mc(context: str, choices: list[str], gold: int) -> Item:
     if not 0 <= gold < len(choices):
         raise ValueError(f"gold index {gold} outside {len(choices)} choices")
-    return Item(requests=tuple(Request(context=context, continuation=" " + c) for c in choices),
-                gold=gold, choices=tuple(choices))
+    return Item(
+        requests=tuple(Request(context=context, continuation=" " + c) for c in choices),
+        gold=gold,
+        choices=tuple(choices),
+    )
 
 
 def _arc(doc: dict[str, Any]) -> Item:
     labels = list(doc["choices"]["label"])
-    return _mc(f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]),
-               labels.index(doc["answerKey"]))
+    return _mc(
+        f"Question: {doc['question']}\nAnswer:",
+        list(doc["choices"]["text"]),
+        labels.index(doc["answerKey"]),
+    )
 
 
 def _piqa(doc: dict[str, Any]) -> Item:
@@ -78,8 +84,9 @@ def _hellaswag(doc: dict[str, Any]) -> Item:
 
 
 def _boolq(doc: dict[str, Any]) -> Item:
-    return _mc(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"],
-               int(doc["label"]))
+    return _mc(
+        f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"], int(doc["label"])
+    )
 
 
 def _winogrande(doc: dict[str, Any]) -> Item:
@@ -88,8 +95,11 @@ def _winogrande(doc: dict[str, Any]) -> Item:
     target = " " + sentence[blank + 1 :].strip()
     contexts = [sentence[:blank] + doc["option1"], sentence[:blank] + doc["option2"]]
     gold = {"1": 0, "2": 1}[str(doc["answer"])]
-    return Item(requests=tuple(Request(context=c, continuation=target) for c in contexts),
-                gold=gold, choices=tuple(contexts))
+    return Item(
+        requests=tuple(Request(context=c, continuation=target) for c in contexts),
+        gold=gold,
+        choices=tuple(contexts),
+    )
 
 
 def _lambada(doc: dict[str, Any]) -> Item:
@@ -97,21 +107,29 @@ def _lambada(doc: dict[str, Any]) -> Item:
     if len(words) < 2:
         raise ValueError(f"LAMBADA text has no last word to predict: {doc['text']!r}")
     last = " " + words[-1]
-    return Item(requests=(Request(context=" ".join(words[:-1]), continuation=last),), gold=0,
-                choices=(last,))
+    return Item(
+        requests=(Request(context=" ".join(words[:-1]), continuation=last),),
+        gold=0,
+        choices=(last,),
+    )
 
 
 TASKS: dict[str, Task] = {
-    "arc_easy": Task(name="arc_easy", kind="multiple_choice", metrics=("acc", "acc_norm"),
-                     to_item=_arc),
-    "arc_challenge": Task(name="arc_challenge", kind="multiple_choice", metrics=("acc", "acc_norm"),
-                          to_item=_arc),
+    "arc_easy": Task(
+        name="arc_easy", kind="multiple_choice", metrics=("acc", "acc_norm"), to_item=_arc
+    ),
+    "arc_challenge": Task(
+        name="arc_challenge", kind="multiple_choice", metrics=("acc", "acc_norm"), to_item=_arc
+    ),
     "piqa": Task(name="piqa", kind="multiple_choice", metrics=("acc", "acc_norm"), to_item=_piqa),
-    "hellaswag": Task(name="hellaswag", kind="multiple_choice", metrics=("acc", "acc_norm"),
-                      to_item=_hellaswag),
-    "winogrande": Task(name="winogrande", kind="multiple_choice", metrics=("acc",),
-                       to_item=_winogrande),
+    "hellaswag": Task(
+        name="hellaswag", kind="multiple_choice", metrics=("acc", "acc_norm"), to_item=_hellaswag
+    ),
+    "winogrande": Task(
+        name="winogrande", kind="multiple_choice", metrics=("acc",), to_item=_winogrande
+    ),
     "boolq": Task(name="boolq", kind="multiple_choice", metrics=("acc",), to_item=_boolq),
-    "lambada_openai": Task(name="lambada_openai", kind="loglikelihood",
-                           metrics=("acc", "perplexity"), to_item=_lambada),
+    "lambada_openai": Task(
+        name="lambada_openai", kind="loglikelihood", metrics=("acc", "perplexity"), to_item=_lambada
+    ),
 }

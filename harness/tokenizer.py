@@ -96,13 +96,24 @@ def _spm_model_proto(tokens: Sequence[str], scores: np.ndarray, types: np.ndarra
             1, _field_bytes(1, piece.encode()) + _field_f32(2, score) + _field_varint(3, kind)
         )
     unk_id = len(tokens)  # an extra, unreachable UNKNOWN piece after the real vocabulary
-    out += _field_bytes(1, _field_bytes(1, b"<lowbit-unk>") + _field_f32(2, 0.0)
-                        + _field_varint(3, sp_unknown))
-    trainer = (_field_varint(3, 2) + _field_varint(4, len(tokens) + 1) + _field_varint(35, 1)
-               + _field_varint(40, unk_id) + _field_varint(41, -1) + _field_varint(42, -1)
-               + _field_varint(43, -1))
-    normalizer = (_field_bytes(1, b"identity") + _field_varint(3, 0) + _field_varint(4, 0)
-                  + _field_varint(5, 0))
+    out += _field_bytes(
+        1, _field_bytes(1, b"<lowbit-unk>") + _field_f32(2, 0.0) + _field_varint(3, sp_unknown)
+    )
+    trainer = (
+        _field_varint(3, 2)
+        + _field_varint(4, len(tokens) + 1)
+        + _field_varint(35, 1)
+        + _field_varint(40, unk_id)
+        + _field_varint(41, -1)
+        + _field_varint(42, -1)
+        + _field_varint(43, -1)
+    )
+    normalizer = (
+        _field_bytes(1, b"identity")
+        + _field_varint(3, 0)
+        + _field_varint(4, 0)
+        + _field_varint(5, 0)
+    )
     return bytes(out + _field_bytes(2, trainer) + _field_bytes(3, normalizer))
 
 
@@ -127,8 +138,9 @@ class Tokenizer:
         except KeyError as e:
             raise ValueError(f"GGUF metadata has no tokenizer ({e.args[0]} missing)") from None
         n = len(self.tokens)
-        self.token_types = np.asarray(meta.get("tokenizer.ggml.token_type", np.full(n, NORMAL)),
-                                      dtype=np.int32)
+        self.token_types = np.asarray(
+            meta.get("tokenizer.ggml.token_type", np.full(n, NORMAL)), dtype=np.int32
+        )
         if self.token_types.shape != (n,):
             raise ValueError(f"token_type has {self.token_types.shape} entries for {n} tokens")
         self.pre: str = meta.get("tokenizer.ggml.pre", "default")
@@ -216,8 +228,10 @@ class Tokenizer:
             return []
         if self.model == "gpt2":
             return [e.ids for e in self._hf.encode_batch(fragments, add_special_tokens=False)]
-        texts = [(" " + f if self.add_space_prefix and prev else f).replace(" ", "\u2581")
-                 for f, prev in zip(fragments, first_after_special, strict=True)]
+        texts = [
+            (" " + f if self.add_space_prefix and prev else f).replace(" ", "\u2581")
+            for f, prev in zip(fragments, first_after_special, strict=True)
+        ]
         return self._sp.encode(texts, out_type=int)
 
     # --- public API -------------------------------------------------------------------------
@@ -307,5 +321,7 @@ class Tokenizer:
         return self.tokens[token_id]
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(model={self.model!r}, pre={self.pre!r}, vocab_size={self.vocab_size}, "
-                f"bos_id={self.bos_id}, eos_id={self.eos_id}, add_bos={self.add_bos})")
+        return (
+            f"Tokenizer(model={self.model!r}, pre={self.pre!r}, vocab_size={self.vocab_size}, "
+            f"bos_id={self.bos_id}, eos_id={self.eos_id}, add_bos={self.add_bos})"
+        )

@@ -1,66 +1,120 @@
-"""The one interface every weight-quantization method implements, and its registry.
+"""The method contract: what every quantization method provides and what it returns.
 
-A method is two functions (the qwix ``gptq_core.py`` / ``gptq.py`` split):
+A **method** (:class:`Method`, one per paper, registered in :data:`REGISTRY`) is a record of
 
-* ``quantize_layer(W, stats, cfg, *, key) -> LayerResult`` — the pure core, written in the
-  paper's symbols: one weight ``W[out, in]`` and the statistics of its calibration inputs
-  (``LayerStats``) in, a quantized weight leaf (``QArray`` or ``DenseSparse``) out. This is
-  what the shared method battery (``tests/test_methods_battery.py``) exercises.
-* ``quantize_model(params, model_cfg, calib_tokens, cfg, *, ...) -> QuantizedModel`` — the thin
-  walk over the harness's blocks (``methods.walk.quantize_sequential`` for most methods).
+* ``kind`` — one of :data:`KINDS`; the shared battery (``tests/test_methods_battery.py``) has a
+  section per kind;
+* ``config`` — its flat frozen config class, defaults = the paper's;
+* ``quantize_model(params, model_cfg, calib_tokens, cfg, **kw) -> QuantizedModel`` — the
+  whole-model entry point (most methods walk the blocks with ``methods.walk``);
+* ``quantize_layer(W, stats, cfg, *, key) -> LayerResult`` — the pure per-linear core in the
+  paper's symbols (the qwix ``gptq_core.py`` / ``gptq.py`` split), where the method has one:
+  one weight ``W[out, in]`` and the calibration statistics of its inputs (:class:`LayerStats`)
+  in, a weight leaf (``numerics`` ``QArray``, ``DenseSparse``, …) and optionally the
+  activation quantizer of that linear's input out;
+* ``needs`` — the calibration statistics it reads, by their names in the open registry
+  ``harness.stats`` (a new statistic is one entry there).
 
-``Method`` records both with the config class, the paper, and which statistics the core needs.
+The **method result** (:class:`QuantizedModel`) carries everything the model needs to run
+quantized: ``params`` (weight leaves replaced by quantized ones), ``hooks`` (the activation,
+KV-cache and matmul numerics, ``harness.layers.Hooks``), and the report (one row per linear,
+seconds, bits per weight and per activation). ``Model(model_cfg, result.hooks)`` applied to
+``result.params`` is the quantized model; ``methods.compare`` evaluates exactly that.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-STAT_NAMES = ("H", "X", "act_absmean", "act_absmax", "fisher")
+from harness import stats as statistics
+from harness.layers import NO_HOOKS, Hooks
+
+# Method kinds: what a result changes. Later families add theirs here and a battery section.
+KINDS: dict[str, str] = {
+    "weight_only": "every block linear becomes a quantized weight leaf; activations stay float",
+    "weight_act": "quantized weight leaves and activation quantization (Hooks.act_quant)",
+    "kv_cache": "weights as they are; keys / values quantized (Hooks.kv_quant)",
+    "codebook": "codebook / vector-quantized weight leaves (VQ, AQLM, …)",
+    "finetune": "a quantized base model with trained adapters",
+    "trained": "a low-bit model trained from scratch",
+}
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LayerStats:
-    """Calibration statistics of one linear layer's inputs (all optional; ``Method.needs`` says
-    which the core reads)."""
+class LayerStats(Mapping):
+    """Calibration statistics of one linear's inputs, by their ``harness.stats`` names.
 
-    H: Float[Array, "d_in d_in"] | None = None  # 2/n Σ x xᵀ (GPTQ's Hessian of ‖WX − ŴX‖²)
-    X: Float[Array, "n d_in"] | None = None  # a subsample of input rows (output-error objectives)
-    act_absmean: Float[Array, " d_in"] | None = None  # per-channel mean |x| (AWQ)
-    act_absmax: Float[Array, " d_in"] | None = None  # per-channel max |x| (SmoothQuant)
-    fisher: Float[Array, "d_out d_in"] | None = (
-        None  # mean squared gradient of the loss (SqueezeLLM)
-    )
+    ``LayerStats(H=H, act_absmax=m)``; read ``stats.H`` (``None`` when not given) or
+    ``stats["H"]``. Only registered names are accepted, so a typo fails loudly; ``Method.needs``
+    says which a core reads."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, **values: Any) -> None:
+        for name in values:
+            statistics.get(name)  # unknown names raise, listing the registered ones
+        object.__setattr__(self, "_values", {k: v for k, v in values.items() if v is not None})
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in statistics.STATISTICS:
+            return self._values.get(name)
+        raise AttributeError(
+            f"LayerStats has no statistic {name!r}; registered: {sorted(statistics.STATISTICS)}"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("LayerStats is immutable")
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        shapes = {k: getattr(v, "shape", v) for k, v in self._values.items()}
+        return f"LayerStats({shapes})"
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerResult:
-    weight: Any  # QArray | DenseSparse — replaces the float weight leaf
+    weight: Any  # the new weight leaf: a numerics weight leaf (QArray, DenseSparse, …) or floats
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # losses, outlier counts …
+    act: Callable[[Array], Array] | None = None  # quantizer of this linear's input, at run time
 
 
 @dataclasses.dataclass
 class QuantizedModel:
+    """A method's result: run it as ``Model(model_cfg, hooks)`` on ``params``."""
+
     params: Any  # the model's params with quantized leaves
     report: list[dict[str, Any]]  # one row per linear: name, bits, seconds, errors …
     seconds: float  # wall time of the whole quantization
     bits_per_weight: float  # over all quantized linears (numerics.sparse.weight_bits)
+    hooks: Hooks = NO_HOOKS  # activation / KV-cache / matmul numerics of the quantized model
+    bits_per_activation: float = 16.0  # bits of the linears' input activations (16: float)
+    kv_bits: float = 16.0  # bits per cached key / value element (16: float)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Method:
     name: str
     config: type  # the flat frozen config dataclass, defaults = the paper's
-    quantize_layer: Callable[..., LayerResult]
     quantize_model: Callable[..., QuantizedModel]
     paper: str  # arXiv id
-    needs: tuple[str, ...] = ()  # which LayerStats fields the core reads
-    beats_rtn: bool = True  # paper claims ‖WX − ŴX‖ ≤ RTN's at the same format
+    kind: str = "weight_only"  # one of KINDS
+    quantize_layer: Callable[..., LayerResult] | None = None  # the per-linear core, if any
+    needs: tuple[str, ...] = ()  # harness.stats names the core reads
+    beats_rtn: bool = False  # paper claims ‖WX − ŴX‖ ≤ RTN's at the same format
 
 
 REGISTRY: dict[str, Method] = {}
@@ -69,9 +123,15 @@ REGISTRY: dict[str, Method] = {}
 def register(method: Method) -> Method:
     if method.name in REGISTRY:
         raise ValueError(f"method {method.name!r} is already registered")
-    unknown = set(method.needs) - set(STAT_NAMES)
-    if unknown:
-        raise ValueError(f"{method.name}: unknown statistics {sorted(unknown)}; known {STAT_NAMES}")
+    if method.kind not in KINDS:
+        raise ValueError(f"{method.name}: unknown kind {method.kind!r}; known {sorted(KINDS)}")
+    for n in method.needs:
+        try:
+            statistics.get(n)
+        except ValueError as e:
+            raise ValueError(f"{method.name}: {e}") from None
+    if method.kind in ("weight_only", "weight_act") and method.quantize_layer is None:
+        raise ValueError(f"{method.name}: a {method.kind} method needs a per-linear core")
     REGISTRY[method.name] = method
     return method
 

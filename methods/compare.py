@@ -19,11 +19,12 @@ from typing import Any
 
 from harness.calibration import c4_calibration
 from harness.evaluate import EvalConfig
+from harness.layers import Hooks
 from harness.model import Model
 from harness.pipeline import eval_perplexity
 from harness.results import ResultRow
 from harness.tokenizer import Tokenizer
-from methods.base import Method, get_method
+from methods.base import Method, QuantizedModel, get_method
 
 FP_SETTING = "fp"
 
@@ -76,9 +77,10 @@ def config_for(method: Method, bits: int, group: int | None, **overrides: Any) -
     return cls(**kw, **overrides)
 
 
-def _label(bits: int, group: int | None, cfg: Any, bpw: float) -> str:
+def _label(bits: int, group: int | None, cfg: Any, q: QuantizedModel) -> str:
     grouping = f"g{group or 'ch'}" if hasattr(cfg, "group_size") else "own groups"
-    return f"W{bits}A16 {grouping} ({bpw:.3f} bpw)"
+    act = f"{q.bits_per_activation:g}"
+    return f"W{bits}A{act} {grouping} ({q.bits_per_weight:.3f} bpw)"
 
 
 def run(
@@ -95,9 +97,11 @@ def run(
     on_row: Callable[[ResultRow], None] | None = None,
     data_dir: Any = None,
 ) -> list[ResultRow]:
-    """Quantize ``params`` with each method at each setting and evaluate it (plus the
-    unquantized model when ``fp``). ``overrides``: per-method config fields (``{"omniquant":
-    {"epochs": 5}}``). ``on_row`` sees every row as soon as it exists (print / save it)."""
+    """Quantize ``params`` with each method at each setting and evaluate each result as it
+    stands — its params under its own hooks (activation / KV / matmul numerics) — plus the
+    unquantized model (under ``model``'s hooks) when ``fp``. ``overrides``: per-method config
+    fields (``{"omniquant": {"epochs": 5}}``). ``on_row`` sees every row as soon as it exists
+    (print / save it)."""
     overrides = dict(overrides or {})
     for name in methods:
         get_method(name)  # unknown names fail before any work
@@ -108,11 +112,12 @@ def run(
     ecfg = EvalConfig(progress=False)
     rows: list[ResultRow] = []
 
-    def evaluate(p: Any, method: str, bits: str, notes: dict[str, Any]) -> None:
+    def evaluate(p: Any, hooks: Hooks, method: str, bits: str, notes: dict[str, Any]) -> None:
         for corpus in cmp.corpora:
             _, row = eval_perplexity(
-                model, p, tok, model_name=model_name, corpus=corpus, seqlen=cmp.seqlen,
-                limit=cmp.windows, method=method, bits=bits, data_dir=data_dir, eval_cfg=ecfg,
+                Model(model.cfg, hooks), p, tok, model_name=model_name, corpus=corpus,
+                seqlen=cmp.seqlen, limit=cmp.windows, method=method, bits=bits,
+                data_dir=data_dir, eval_cfg=ecfg,
             )  # fmt: skip
             row = dataclasses.replace(row, notes={**row.notes, **notes})
             rows.append(row)
@@ -120,7 +125,7 @@ def run(
                 on_row(row)
 
     if fp:
-        evaluate(params, "fp", "W16A16", {"setting": FP_SETTING})
+        evaluate(params, model.hooks, "fp", "W16A16", {"setting": FP_SETTING})
     calib_note = f"{cmp.n_calib}x{cmp.calib_seqlen} C4 (seed {cmp.seed})"
     for setting, bits, group in parsed:
         for name in methods:
@@ -132,11 +137,13 @@ def run(
             notes = {
                 "setting": setting,
                 "bpw": q.bits_per_weight,
+                "bpa": q.bits_per_activation,
+                "kv_bits": q.kv_bits,
                 "quant_minutes": minutes,
                 "calib": calib_note,
                 "config": repr(q_cfg),
             }
-            evaluate(q.params, name, _label(bits, group, q_cfg, q.bits_per_weight), notes)
+            evaluate(q.params, q.hooks, name, _label(bits, group, q_cfg, q), notes)
     return rows
 
 

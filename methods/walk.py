@@ -22,7 +22,6 @@ quantized in order without running the model.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,9 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from harness import capture
+from harness import stats as statistics
 from harness.model import ModelConfig, get_param, set_param
 from methods import checkpoint
 from methods.base import LayerResult, LayerStats, QuantizedModel
+from methods.hooks import act_hooks
 from numerics.sparse import weight_bits
 
 TRUE_SEQUENTIAL: tuple[tuple[str, ...], ...] = (
@@ -46,64 +47,9 @@ TRUE_SEQUENTIAL: tuple[tuple[str, ...], ...] = (
 )
 
 
-def row_sample(n_rows: int, seed: int = 0) -> capture.Accumulator:
-    """Keep a uniform random subset of at most ``n_rows`` input rows (reservoir by random keys:
-    every row gets a seeded random priority; the ``n_rows`` highest are kept)."""
-
-    def init(d: int):
-        return {
-            "X": jnp.zeros((n_rows, d), jnp.float32),
-            "p": jnp.full((n_rows,), -jnp.inf, jnp.float32),
-            "n": jnp.zeros((), jnp.int32),
-        }
-
-    def update(state, x):
-        rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        key = jax.random.fold_in(jax.random.key(seed), state["n"])
-        pri = jax.random.uniform(key, (rows.shape[0],), jnp.float32)
-        allp = jnp.concatenate([state["p"], pri])
-        allx = jnp.concatenate([state["X"], rows], axis=0)
-        top = jax.lax.top_k(allp, n_rows)[1]
-        return {"X": allx[top], "p": allp[top], "n": state["n"] + rows.shape[0]}
-
-    return capture.Accumulator(init, update)
-
-
-def accumulators_for(needs: tuple[str, ...], n_x_rows: int) -> dict[str, capture.Accumulator]:
-    """The accumulators a method's ``needs`` call for. The same objects for the same arguments:
-    ``harness.capture`` caches its jitted capture steps on their identity."""
-    return dict(_accumulators(tuple(needs), n_x_rows))
-
-
-@functools.lru_cache(maxsize=64)
-def _accumulators(
-    needs: tuple[str, ...], n_x_rows: int
-) -> tuple[tuple[str, capture.Accumulator], ...]:
-    accs: dict[str, capture.Accumulator] = {}
-    if "H" in needs:
-        accs["H"] = capture.hessian()
-    if "X" in needs:
-        accs["X"] = row_sample(n_x_rows)
-    if "act_absmean" in needs:
-        accs["absmean"] = capture.absmean()
-    if "act_absmax" in needs:
-        accs["absmax"] = capture.absmax()
-    return tuple(accs.items())
-
-
 def layer_stats(state: Mapping[str, Any], fisher: Any = None) -> LayerStats:
-    """``LayerStats`` from one linear's accumulator states (keys as in ``accumulators_for``)."""
-    X = None
-    if "X" in state:
-        n = min(int(state["X"]["n"]), state["X"]["X"].shape[0])
-        X = state["X"]["X"][:n]
-    return LayerStats(
-        H=state["H"].H if "H" in state else None,  # capture.HessianState
-        X=X,
-        act_absmean=state["absmean"].mean if "absmean" in state else None,  # capture.MeanState
-        act_absmax=state["absmax"] if "absmax" in state else None,  # a float32 [d] array
-        fisher=fisher,
-    )
+    """``LayerStats`` from one linear's accumulator states (keyed by ``harness.stats`` names)."""
+    return LayerStats(**statistics.values(dict(state)), fisher=fisher)
 
 
 def quantize_sequential(
@@ -115,7 +61,6 @@ def quantize_sequential(
     *,
     needs: tuple[str, ...],
     true_sequential: bool = True,
-    n_x_rows: int = 4096,
     extra_stats: Mapping[str, Mapping[str, Any]] | None = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -139,12 +84,12 @@ def quantize_sequential(
         _qualname(layer_fn),
         needs,
         true_sequential,
-        n_x_rows,
         extra_stats or {},
         seed,
         batch_size,
     )
-    accs = accumulators_for(needs, n_x_rows)
+    accs, _ = statistics.plan(tuple(needs))
+    act: dict[str, Any] = {}
     groups = TRUE_SEQUENTIAL if true_sequential else (tuple(n for g in TRUE_SEQUENTIAL for n in g),)
     extra = extra_stats or {}
 
@@ -174,6 +119,8 @@ def quantize_sequential(
                     | {k: _scalar(v) for k, v in res.info.items() if _is_scalar(v)}
                 )
                 bp = set_param(bp, rel, res.weight)
+                if res.act is not None:
+                    act[name] = res.act
         if ckpt is not None:
             ckpt.save(i, bp, report[first:])
         if on_block_done is not None:
@@ -197,18 +144,19 @@ def quantize_sequential(
         for i in range(model_cfg.n_layers):
             blocks[i] = done[i] if i in done else on_block(i, blocks[i], None)
         new_params = {**params, "blocks": blocks}
-    return quantized_model(params, new_params, report, t0)
+    return quantized_model(params, new_params, report, t0, hooks=act_hooks(act))
 
 
 def quantized_model(
-    params: Any, new_params: Any, report: list[dict[str, Any]], t0: float
+    params: Any, new_params: Any, report: list[dict[str, Any]], t0: float, **extra: Any
 ) -> QuantizedModel:
     """The walk's result: ``new_params``, the per-linear ``report`` (each row's ``bits`` per
     weight), the seconds since ``t0`` and the bits per weight over all quantized linears,
-    weighted by their sizes in ``params``."""
+    weighted by their sizes in ``params``; ``extra``: the result's other fields (``hooks``,
+    ``bits_per_activation``, ``kv_bits``)."""
     sizes = {r["name"]: int(np.prod(get_param(params, r["name"]).shape)) for r in report}
     bpw = sum(r["bits"] * sizes[r["name"]] for r in report) / max(sum(sizes.values()), 1)
-    return QuantizedModel(new_params, report, time.perf_counter() - t0, bpw)
+    return QuantizedModel(new_params, report, time.perf_counter() - t0, bpw, **extra)
 
 
 def _is_scalar(v: Any) -> bool:

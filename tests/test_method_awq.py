@@ -100,7 +100,12 @@ def test_searched_scales_fold_preserves_fp_outputs(gqa_result):
         return bp_s
 
     scaled = capture.sequential(
-        params, GQA, _tokens(), on_block, accumulators={"absmean": capture.absmean()}, batch_size=2
+        params,
+        GQA,
+        _tokens(),
+        on_block,
+        accumulators={"act_absmean": capture.absmean()},
+        batch_size=2,
     )
     assert any(r.get("alpha", 0.0) > 0 for r in found)  # something was actually scaled
     toks = _tokens(2, 16, seed=7)

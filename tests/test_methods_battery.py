@@ -1,18 +1,23 @@
 """The shared battery: every method in ``methods.base.REGISTRY`` must pass it.
 
 Tests are parametrized over the registry after ``import methods`` (which registers every
-method), so a newly registered method is picked up with no edit here. What a method provides:
+method), so a newly registered method is picked up with no edit here. The battery has a common
+part (config, whole-model result, checkpoint round trip, sharded run, no recompilation) and a
+section per method kind (``methods.base.KINDS``; a kind without a section fails
+``test_every_kind_has_a_section``, so a new family adds its section with its first method).
+What a method provides:
 
 * ``Method.config`` — a frozen config class that rejects ``bits=99`` with a ValueError naming
   ``bits``; optionally a classmethod ``for_format(bits, group_size)`` giving its paper defaults
   at "W{bits} g{group_size}" (or the closest format it supports). Without it the battery calls
   ``config(bits=…, group_size=…)`` (``group_size`` only if the config has that field).
-* ``Method.quantize_layer(W, stats, cfg, *, key)`` — traceable under ``jax.jit`` (with ``cfg``
-  static) and deterministic. A core that cannot be traced (data-dependent shapes, e.g. a
-  variable number of outliers) declares so in its module: ``EAGER_ONLY = "why"`` and
-  ``jit_inner(W, stats, cfg, *, key)``, the part that is traced (any pytree of arrays out);
-  the battery then jit-compiles ``jit_inner`` instead.
-* ``Method.quantize_model(params, model_cfg, calib_tokens, cfg)`` → ``QuantizedModel``.
+* ``Method.quantize_layer(W, stats, cfg, *, key)`` (weight-only and weight+activation kinds) —
+  traceable under ``jax.jit`` (with ``cfg`` static) and deterministic. A core that cannot be
+  traced (data-dependent shapes, e.g. a variable number of outliers) declares so in its module:
+  ``EAGER_ONLY = "why"`` and ``jit_inner(W, stats, cfg, *, key)``, the part that is traced (any
+  pytree of arrays out); the battery then jit-compiles ``jit_inner`` instead.
+* ``Method.quantize_model(params, model_cfg, calib_tokens, cfg)`` → ``QuantizedModel`` (the
+  method result: params, hooks, report).
 
 The per-layer check uses a synthetic layer whose inputs are correlated and have a few outlier
 channels (like LLM activations), so second-order / activation-aware methods have something to
@@ -29,11 +34,14 @@ import numpy as np
 import pytest
 
 import methods
+from harness.layers import NO_HOOKS
 from harness.model import Model, ModelConfig, get_param, init_params, linear_names
-from methods.base import REGISTRY, LayerStats, QuantizedModel
+from methods import checkpoint
+from methods.base import KINDS, REGISTRY, LayerStats, QuantizedModel
 from methods.rtn.core import RTNConfig
 
 ALL = sorted(REGISTRY)
+LAYERWISE = sorted(n for n, m in REGISTRY.items() if m.quantize_layer is not None)
 BEATS_RTN = sorted(n for n, m in REGISTRY.items() if m.beats_rtn)
 BITS, GROUP = 3, 32
 
@@ -90,7 +98,7 @@ def test_registry_has_the_baselines():
     assert methods.get_method("gptq") is REGISTRY["gptq"]
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", LAYERWISE)
 def test_core_jit_compiles(name, layer):
     method = REGISTRY[name]
     W, stats, _ = layer
@@ -121,7 +129,7 @@ def test_core_jit_compiles(name, layer):
         assert np.mean(np.asarray(a) != np.asarray(b)) <= 1e-3
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", LAYERWISE)
 def test_same_seed_same_result(name, layer):
     method = REGISTRY[name]
     W, stats, _ = layer
@@ -132,7 +140,7 @@ def test_same_seed_same_result(name, layer):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", LAYERWISE)
 def test_dtype_kept(name, dtype, layer):
     method = REGISTRY[name]
     W, stats, _ = layer
@@ -150,7 +158,7 @@ def test_bad_config_rejected(name):
         REGISTRY[name].config(bits=99)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", LAYERWISE)
 def test_bad_input_rejected(name, layer):
     method = REGISTRY[name]
     W, stats, _ = layer
@@ -193,12 +201,103 @@ def tiny():
     return params, tokens
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_quantize_model_runs(name, tiny):
-    method = REGISTRY[name]
+@pytest.fixture(scope="module")
+def results(tiny):
+    """Each method's result on the tiny model, computed once for the whole-model checks."""
     params, tokens = tiny
-    qm = method.quantize_model(params, TINY, tokens, config_for(method))
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            method = REGISTRY[name]
+            cache[name] = method.quantize_model(params, TINY, tokens, config_for(method))
+        return cache[name]
+
+    return get
+
+
+def test_every_kind_has_a_section():
+    assert set(SECTIONS) <= set(KINDS)
+    missing = {m.kind for m in REGISTRY.values()} - set(SECTIONS)
+    assert not missing, f"no battery section for the kind(s) {sorted(missing)}: add one"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_result_runs(name, tiny, results):
+    """The result runs as it stands (its params under its own hooks) and reports itself."""
+    params, tokens = tiny
+    qm = results(name)
     assert isinstance(qm, QuantizedModel) and qm.seconds > 0
+    assert 0.0 < qm.bits_per_activation <= 16.0 and 0.0 < qm.kv_bits <= 16.0
+    logits = jax.jit(Model(TINY, qm.hooks).forward)(qm.params, tokens)
+    assert logits.shape == (*tokens.shape, TINY.vocab_size)
+    assert np.all(np.isfinite(np.asarray(logits)))
+    SECTIONS[REGISTRY[name].kind](qm, params, tokens)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_result_survives_checkpoint(name, results, tmp_path):
+    """The result's params (quantized leaves included) round-trip orbax bit for bit."""
+    qm = results(name)
+    checkpoint.save_tree(tmp_path / "ckpt", qm.params)
+    back, _ = checkpoint.load_tree(tmp_path / "ckpt")
+    assert leaves_equal(back, qm.params)
+    for n in linear_names(TINY):
+        a, b = get_param(back, n), get_param(qm.params, n)
+        assert type(a) is type(b), n
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_result_sharded(name, results):
+    """Data-parallel over the 8 virtual devices: the same logits as on one device."""
+    qm = results(name)
+    n_dev = jax.device_count()
+    assert n_dev == 8, "tests/conftest.py asks for 8 virtual CPU devices"
+    tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, (n_dev, 16)).astype(np.int32)
+    fwd = jax.jit(Model(TINY, qm.hooks).forward)
+    one = fwd(qm.params, tokens)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharded = jax.device_put(
+        tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    )
+    many = fwd(qm.params, sharded)
+    assert len(many.sharding.device_set) == n_dev
+    np.testing.assert_allclose(np.asarray(many), np.asarray(one), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def compiles():
+    """Count XLA backend compilations while the test runs."""
+    events = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.mark.parametrize("name", LAYERWISE)
+def test_second_call_does_not_recompile(name, layer, compiles):
+    """A second linear of the same shape, with an equal (freshly built) config, compiles
+    nothing: a model's 210 linears must not pay one compilation each."""
+    method = REGISTRY[name]
+    W, stats, _ = layer
+    method.quantize_layer(W, stats, config_for(method), key=jax.random.key(0))
+    W2 = W[::-1] * 0.5
+    jax.block_until_ready(W2)
+    compiles.clear()
+    r = method.quantize_layer(W2, stats, config_for(method), key=jax.random.key(1))
+    jax.block_until_ready(jax.tree_util.tree_leaves(r.weight))
+    assert compiles == [], f"{name}: {len(compiles)} compilation(s) on the second call"
+
+
+# --------------------------------------------------------------------------- kind sections
+
+
+def _all_linears_quantized(qm, params):
     names = linear_names(TINY)
     assert sorted(r["name"] for r in qm.report) == sorted(names)
     for n in names:
@@ -207,6 +306,44 @@ def test_quantize_model_runs(name, tiny):
         assert dense(leaf).shape == get_param(params, n).shape
     assert all(r["bits"] > 0 for r in qm.report)
     assert 1.0 < qm.bits_per_weight < 16.0
-    logits = jax.jit(Model(TINY).forward)(qm.params, tokens)
-    assert logits.shape == (*tokens.shape, TINY.vocab_size)
-    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def check_weight_only(qm, params, tokens):
+    """Every block linear a quantized leaf; nothing else changes numerics."""
+    _all_linears_quantized(qm, params)
+    assert qm.hooks == NO_HOOKS and qm.bits_per_activation == 16.0 and qm.kv_bits == 16.0
+
+
+def check_weight_act(qm, params, tokens):
+    """Quantized leaves plus activation quantization that changes the output."""
+    _all_linears_quantized(qm, params)
+    assert qm.hooks.act_quant is not None and qm.bits_per_activation < 16.0
+    with_act = Model(TINY, qm.hooks).forward(qm.params, tokens)
+    weights_only = Model(TINY, dataclasses.replace(qm.hooks, act_quant=None)).forward(
+        qm.params, tokens
+    )
+    assert not np.allclose(np.asarray(with_act), np.asarray(weights_only)), (
+        "the activation quantizers change nothing"
+    )
+
+
+def check_kv_cache(qm, params, tokens):
+    """Weights as they were, keys / values quantized through the hooks."""
+    assert qm.hooks.kv_quant is not None and qm.kv_bits < 16.0
+    assert leaves_equal(qm.params, params)
+    quantized = Model(TINY, qm.hooks).forward(qm.params, tokens)
+    plain = Model(TINY).forward(params, tokens)
+    assert not np.allclose(np.asarray(quantized), np.asarray(plain))
+
+
+def check_codebook(qm, params, tokens):
+    """Codebook leaves are weight leaves like any other (issue 17 adds its own checks)."""
+    _all_linears_quantized(qm, params)
+
+
+SECTIONS = {
+    "weight_only": check_weight_only,
+    "weight_act": check_weight_act,
+    "kv_cache": check_kv_cache,
+    "codebook": check_codebook,
+}

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from harness import capture
+from harness import stats as statistics
 from harness.layers import NO_HOOKS
 from harness.model import (
     ADAPTERS,
@@ -291,7 +292,7 @@ def quantize_model(
         model_cfg,
         calib_tokens,
         on_block,
-        accumulators={"absmean": capture.absmean()},
+        accumulators=statistics.plan(("act_absmean",))[0],
         batch_size=batch_size,
         progress=progress,
         done_blocks=forward,
