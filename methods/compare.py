@@ -50,27 +50,48 @@ class CompareConfig:
             raise ValueError("corpora must name at least one evaluation text")
 
 
+_SETTING = re.compile(r"W(\d)(?:A(\d+))?(?:g(\d+|ch))?")
+
+
 def parse_setting(s: str) -> tuple[int, int | None]:
-    """``"W3g64"`` → ``(3, 64)``; ``"W4gch"`` → ``(4, None)`` (one scale per output channel)."""
-    m = re.fullmatch(r"W(\d)g(\d+|ch)", s)
-    if not m:
-        raise ValueError(f"setting {s!r} must look like W3g64 or W4gch (per output channel)")
-    return int(m.group(1)), None if m.group(2) == "ch" else int(m.group(2))
+    """``"W3g64"`` → ``(3, 64)``; ``"W4gch"`` → ``(4, None)`` (one scale per output channel);
+    an activation part (``"W4A8g128"``, ``"W8A8"``: no group means per channel) is read by
+    :func:`act_bits`."""
+    m = _SETTING.fullmatch(s)
+    if not m or (m.group(2) is None and m.group(3) is None):
+        raise ValueError(
+            f"setting {s!r} must look like W3g64, W4gch (per output channel), W4A8g128 or W8A8"
+        )
+    g = m.group(3)
+    return int(m.group(1)), None if g in (None, "ch") else int(g)
+
+
+def act_bits(s: str) -> int | None:
+    """The activation bits of a setting (``"W4A8g128"`` → 8), ``None`` for weight-only ones."""
+    parse_setting(s)
+    a = _SETTING.fullmatch(s).group(2)
+    return None if a is None else int(a)
 
 
 def config_for(method: Method, bits: int, group: int | None, **overrides: Any) -> Any:
     """``method``'s paper-default config at ``bits`` (and ``group`` where the method has groups:
     SpQR keeps its own β₁ = 16 groups, SqueezeLLM its per-channel levels — the bits-per-weight
-    column says what each costs). ``overrides`` replace further fields (e.g. ``epochs``).
+    column says what each costs). ``overrides`` replace further fields (e.g. ``epochs``);
+    ``act_bits`` (from a setting's A part) needs a method whose config has that field.
     Groups are ragged where the method allows it: a group size that leaves a remainder (g128 on
     SmolLM2's 576 features) gives a shorter last group, as GPTQ's reference does."""
     cls = method.config
     fields = {f.name for f in dataclasses.fields(cls)}
+    act = overrides.pop("act_bits", None)
+    if act is not None and "act_bits" not in fields:
+        raise ValueError(f"{method.name} quantizes no activations: drop the A part of the setting")
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"{method.name} has no config field(s) {sorted(unknown)}; has {fields}")
     if "ragged" in fields and group is not None:
         overrides = {"ragged": True} | overrides
+    if act is not None:
+        overrides = {"act_bits": act} | overrides
     if hasattr(cls, "for_format"):
         return cls.for_format(bits, group, **overrides)
     kw = {"bits": bits} | ({"group_size": group} if "group_size" in fields else {})
@@ -130,7 +151,8 @@ def run(
     for setting, bits, group in parsed:
         for name in methods:
             m = get_method(name)
-            q_cfg = config_for(m, bits, group, **overrides.get(name, {}))
+            a = {} if act_bits(setting) is None else {"act_bits": act_bits(setting)}
+            q_cfg = config_for(m, bits, group, **a, **overrides.get(name, {}))
             t0 = time.perf_counter()
             q = m.quantize_model(params, model.cfg, calib, q_cfg)
             minutes = (time.perf_counter() - t0) / 60

@@ -7,13 +7,18 @@ import pytest
 
 from harness.results import ResultRow
 from methods import REGISTRY, get_method
-from methods.compare import CompareConfig, config_for, parse_setting, pivot
+from methods.compare import CompareConfig, act_bits, config_for, parse_setting, pivot
 
 
 def test_parse_setting():
     assert parse_setting("W3g64") == (3, 64)
     assert parse_setting("W2g128") == (2, 128)
     assert parse_setting("W4gch") == (4, None)
+    assert parse_setting("W4A8g128") == (4, 128) and act_bits("W4A8g128") == 8
+    assert parse_setting("W8A8") == (8, None) and act_bits("W8A8") == 8
+    assert act_bits("W3g64") is None
+    with pytest.raises(ValueError, match="quantizes no activations"):
+        config_for(get_method("gptq"), 4, 128, act_bits=8)
     for bad in ("W3", "3g64", "W3g", "w3g64", "W10g64"):
         with pytest.raises(ValueError, match="must look like"):
             parse_setting(bad)

@@ -9,18 +9,22 @@ import pytest
 from harness import data
 
 ROOT = data.resolve_data_dir()
-needs_data = pytest.mark.skipif(ROOT is None or not (ROOT / "SHA256SUMS").exists(),
-                                reason="no local data directory")
+needs_data = pytest.mark.skipif(
+    ROOT is None or not (ROOT / "SHA256SUMS").exists(), reason="no local data directory"
+)
 
 
 @pytest.fixture
 def offline(monkeypatch):
     """Any attempt to reach the network or the hub fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the local data path tried to use the network")
+
     monkeypatch.setattr(data, "_load_from_hub", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     import datasets
+
     monkeypatch.setattr(datasets, "load_dataset", refuse)
 
 
@@ -34,18 +38,33 @@ def test_checksum_table_equals_sha256sums():
 
 
 @needs_data
-@pytest.mark.parametrize("task,count", [
-    ("arc_easy", 2376), ("arc_challenge", 1172), ("boolq", 3270), ("piqa", 1838),
-    ("winogrande", 1267), ("hellaswag", 10042), ("lambada_openai", 5153)])
+@pytest.mark.parametrize(
+    "task,count",
+    [
+        ("arc_easy", 2376),
+        ("arc_challenge", 1172),
+        ("boolq", 3270),
+        ("piqa", 1838),
+        ("winogrande", 1267),
+        ("hellaswag", 10042),
+        ("lambada_openai", 5153),
+    ],
+)
 def test_task_counts_match_readme(offline, task, count):
     docs = data.load_task_docs(task)
     assert len(docs) == count == data.FILES[next(k for k in data.FILES if _file_of(task) in k)].rows
 
 
 def _file_of(task):
-    return {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "boolq": "boolq",
-            "piqa": "piqa/dev.jsonl", "winogrande": "winogrande", "hellaswag": "hellaswag",
-            "lambada_openai": "lambada"}[task]
+    return {
+        "arc_easy": "ARC-Easy",
+        "arc_challenge": "ARC-Challenge",
+        "boolq": "boolq",
+        "piqa": "piqa/dev.jsonl",
+        "winogrande": "winogrande",
+        "hellaswag": "hellaswag",
+        "lambada_openai": "lambada",
+    }[task]
 
 
 @needs_data
@@ -117,8 +136,11 @@ def test_environment_variable_selects_directory(tmp_path, monkeypatch, offline):
 def test_hub_path_used_only_without_directory(monkeypatch):
     calls = []
     monkeypatch.setattr(data, "resolve_data_dir", lambda data_dir=None: None)
-    monkeypatch.setattr(data, "_load_from_hub", lambda name: calls.append(name) or [
-        {"text": "a"}, {"text": ""}, {"text": "b"}])
+    monkeypatch.setattr(
+        data,
+        "_load_from_hub",
+        lambda name: calls.append(name) or [{"text": "a"}, {"text": ""}, {"text": "b"}],
+    )
     assert data.wikitext2_text() == "a\n\n\n\nb"  # GPTQ's exact join of the HF rows
     assert data.load_task_docs("lambada_openai") == [{"text": "a"}, {"text": ""}, {"text": "b"}]
     assert calls == ["wikitext2", "lambada_openai"]
@@ -126,10 +148,18 @@ def test_hub_path_used_only_without_directory(monkeypatch):
 
 def test_hellaswag_preprocess_is_lm_evals():
     assert data.hellaswag_preprocess(" Wash [title] Rinse [step] well  ") == "Wash. Rinse well"
-    row = {"activity_label": "Cooking", "ctx_a": "A man cuts.", "ctx_b": "the man",
-           "endings": [" [substeps] stirs", "eats"], "label": "1"}
-    assert data._hellaswag_hub(row) == {"query": "Cooking: A man cuts. The man",
-                                        "choices": [" stirs", "eats"], "label": 1}
+    row = {
+        "activity_label": "Cooking",
+        "ctx_a": "A man cuts.",
+        "ctx_b": "the man",
+        "endings": [" [substeps] stirs", "eats"],
+        "label": "1",
+    }
+    assert data._hellaswag_hub(row) == {
+        "query": "Cooking: A man cuts. The man",
+        "choices": [" stirs", "eats"],
+        "label": 1,
+    }
 
 
 def test_bad_names():

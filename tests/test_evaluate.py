@@ -68,8 +68,11 @@ def test_gptq_protocol_matches_hand_computation(n, seqlen, seed):
     tokens = np.random.default_rng(seed).integers(0, 13, n)
     r = ev.perplexity(fn, tokens, ev.PerplexityConfig(seqlen=seqlen), eval_cfg=QUIET)
     W = n // seqlen  # the last partial window is dropped
-    nll = [-float(table[w[t], w[t + 1]]) for w in tokens[: W * seqlen].reshape(W, seqlen)
-           for t in range(seqlen - 1)]
+    nll = [
+        -float(table[w[t], w[t + 1]])
+        for w in tokens[: W * seqlen].reshape(W, seqlen)
+        for t in range(seqlen - 1)
+    ]
     assert (r.windows, r.tokens) == (W, W * (seqlen - 1))
     assert r.nll == pytest.approx(np.mean(nll), rel=1e-5)
     assert r.ppl == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
@@ -95,8 +98,9 @@ def test_windows_of_both_protocols():
 def test_llama_cpp_protocol_uses_bos_and_second_half():
     # logits depend only on the window's first token, so the BOS replacement is visible
     table, _ = _bigram(V=13, seed=3)
-    fn = Partial(lambda tbl, toks: jnp.broadcast_to(tbl[toks[:, :1]], (*toks.shape, 13)),
-                 jnp.asarray(table))
+    fn = Partial(
+        lambda tbl, toks: jnp.broadcast_to(tbl[toks[:, :1]], (*toks.shape, 13)), jnp.asarray(table)
+    )
     tokens = np.random.default_rng(5).integers(0, 12, 50)
     cfg = ev.PerplexityConfig(protocol="llama.cpp", seqlen=8)
     r = ev.perplexity(fn, tokens, cfg, bos_id=12, eval_cfg=QUIET)
@@ -120,13 +124,21 @@ def test_limit_and_bad_input():
     with pytest.raises(ValueError, match="no window"):
         ev.perplexity(fn, tokens[:5], ev.PerplexityConfig(seqlen=10), eval_cfg=QUIET)
     with pytest.raises(ValueError, match="expected \\[B, T, V\\]"):
-        ev.perplexity(lambda t: jnp.zeros(t.shape, jnp.float32), tokens,
-                      ev.PerplexityConfig(seqlen=10), eval_cfg=QUIET)
+        ev.perplexity(
+            lambda t: jnp.zeros(t.shape, jnp.float32),
+            tokens,
+            ev.PerplexityConfig(seqlen=10),
+            eval_cfg=QUIET,
+        )
     with pytest.raises(ValueError, match="vocabulary"):
         ev.perplexity(fn, tokens + 13, ev.PerplexityConfig(seqlen=10), eval_cfg=QUIET)
     with pytest.raises(ValueError, match="non-finite"):
-        ev.perplexity(lambda t: jnp.full((*t.shape, 13), jnp.nan, jnp.float32), tokens,
-                      ev.PerplexityConfig(seqlen=10), eval_cfg=QUIET)
+        ev.perplexity(
+            lambda t: jnp.full((*t.shape, 13), jnp.nan, jnp.float32),
+            tokens,
+            ev.PerplexityConfig(seqlen=10),
+            eval_cfg=QUIET,
+        )
 
 
 # --- sharding and shapes -----------------------------------------------------------------------
@@ -146,8 +158,9 @@ def test_sharded_over_8_devices_equals_single_device():
     _, fn_b = _bigram(V=257, seed=8)
     za = ev.zero_shot(fn_b, ByteTokenizer(), "piqa", docs=docs, cfg=one)
     zb = ev.zero_shot(fn_b, ByteTokenizer(), "piqa", docs=docs, cfg=eight)
-    np.testing.assert_allclose([d["lls"] for d in zb.per_doc], [d["lls"] for d in za.per_doc],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [d["lls"] for d in zb.per_doc], [d["lls"] for d in za.per_doc], rtol=1e-6
+    )
 
 
 def test_batches_are_bucketed_and_multiples_of_device_count():
@@ -169,11 +182,11 @@ def test_batches_are_bucketed_and_multiples_of_device_count():
 
 def test_encode_pair_moves_trailing_spaces_and_truncates_left():
     tok = ByteTokenizer(add_bos=True)
-    (x, y, m), = ev.encode_requests(tok, [Request(context="ab  ", continuation="c")], 100)
+    ((x, y, m),) = ev.encode_requests(tok, [Request(context="ab  ", continuation="c")], 100)
     full = [256, ord("a"), ord("b"), 32, 32, ord("c")]
     assert x.tolist() == full[:-1] and y.tolist() == full[1:]
     assert m.tolist() == [0, 0, 1, 1, 1]  # "  c" is the continuation now
-    (x, y, m), = ev.encode_requests(tok, [Request(context="abcdefgh", continuation="ij")], 4)
+    ((x, y, m),) = ev.encode_requests(tok, [Request(context="abcdefgh", continuation="ij")], 4)
     assert x.tolist() == list(b"fghi") and y.tolist() == list(b"ghij")
     assert m.tolist() == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="max_length"):
@@ -182,8 +195,10 @@ def test_encode_pair_moves_trailing_spaces_and_truncates_left():
 
 def test_acc_and_acc_norm_differ_on_constructed_case():
     fn = lambda toks: jnp.zeros((*toks.shape, 257), jnp.float32)  # every byte: log(1/257)
-    docs = [{"goal": "g", "sol1": "ab", "sol2": "abcdefgh", "label": 1},  # acc 0, acc_norm 1
-            {"goal": "g", "sol1": "abc", "sol2": "xyz", "label": 0}]  # a tie: both pick 0
+    docs = [
+        {"goal": "g", "sol1": "ab", "sol2": "abcdefgh", "label": 1},  # acc 0, acc_norm 1
+        {"goal": "g", "sol1": "abc", "sol2": "xyz", "label": 0},
+    ]  # a tie: both pick 0
     r = ev.zero_shot(fn, ByteTokenizer(), "piqa", docs=docs, cfg=QUIET)
     c = math.log(257)
     assert r.per_doc[0]["lls"] == pytest.approx([-3 * c, -9 * c], rel=1e-5)  # " ab", " abcdefgh"

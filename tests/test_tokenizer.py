@@ -15,8 +15,11 @@ from harness.tokenizer import Tokenizer, gguf_path
 
 GOLDEN = Path(__file__).parent / "golden"
 MODELS = ("smollm2", "gemma3")
-CORPORA = {"wikitext2": data.wikitext2_text, "ptb": lambda: data.ptb_text("test"),
-           "c4": data.c4_text}
+CORPORA = {
+    "wikitext2": data.wikitext2_text,
+    "ptb": lambda: data.ptb_text("test"),
+    "c4": data.c4_text,
+}
 _cache: dict[str, Tokenizer] = {}
 
 
@@ -75,8 +78,13 @@ def test_metadata_and_bos_rules():
 # SmolLM2's byte-level vocabulary lacks the bytes 04 06 13 14 16 1D C0 C1 F1 F2 F5-FF, so control
 # characters and code points >= U+40000 cannot be encoded (llama.cpp drops them too); "\u2581"
 # is the SPM space marker and decodes to " ".
-_TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\u2581",
-                              max_codepoint=0x3FFFF) | st.sampled_from(" \n\t"), max_size=60)
+_TEXT = st.text(
+    st.characters(
+        blacklist_categories=("Cs", "Cc"), blacklist_characters="\u2581", max_codepoint=0x3FFFF
+    )
+    | st.sampled_from(" \n\t"),
+    max_size=60,
+)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -104,5 +112,11 @@ def test_bad_input():
     with pytest.raises(ValueError, match="no tokenizer"):
         Tokenizer({"general.architecture": "llama"})
     with pytest.raises(ValueError, match="pre-tokenizer"):
-        Tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
-                   "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": []})
+        Tokenizer(
+            {
+                "tokenizer.ggml.model": "gpt2",
+                "tokenizer.ggml.pre": "qwen2",
+                "tokenizer.ggml.tokens": ["a"],
+                "tokenizer.ggml.merges": [],
+            }
+        )
