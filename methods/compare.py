@@ -21,7 +21,7 @@ from harness.calibration import c4_calibration
 from harness.evaluate import EvalConfig
 from harness.layers import Hooks
 from harness.model import Model
-from harness.pipeline import eval_perplexity
+from harness.pipeline import eval_perplexity, eval_zero_shot
 from harness.results import ResultRow
 from harness.tokenizer import Tokenizer
 from methods.base import Method, QuantizedModel, get_method
@@ -39,6 +39,8 @@ class CompareConfig:
     windows: int | None = 16  # first windows of each corpus; None: all
     corpora: tuple[str, ...] = ("wikitext2",)  # evaluation texts (wikitext2, ptb, c4)
     seed: int = 0  # calibration draw
+    tasks: tuple[str, ...] = ()  # zero-shot tasks (harness.tasks.TASKS) scored for every row
+    task_limit: int | None = 200  # first items of each task; None: all
 
     def __post_init__(self) -> None:
         for f in ("n_calib", "calib_seqlen", "seqlen"):
@@ -46,8 +48,10 @@ class CompareConfig:
                 raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
         if self.windows is not None and self.windows <= 0:
             raise ValueError(f"windows must be positive or None, got {self.windows}")
-        if not self.corpora:
-            raise ValueError("corpora must name at least one evaluation text")
+        if not self.corpora and not self.tasks:
+            raise ValueError("corpora and tasks are empty: name at least one evaluation")
+        if self.task_limit is not None and self.task_limit <= 0:
+            raise ValueError(f"task_limit must be positive or None, got {self.task_limit}")
 
 
 _SETTING = re.compile(r"W(\d)(?:A(\d+))?(?:g(\d+|ch))?")
@@ -134,12 +138,21 @@ def run(
     rows: list[ResultRow] = []
 
     def evaluate(p: Any, hooks: Hooks, method: str, bits: str, notes: dict[str, Any]) -> None:
+        rows_here: list[ResultRow] = []
+        for task in cmp.tasks:
+            _, zs = eval_zero_shot(
+                Model(model.cfg, hooks), p, tok, task, model_name=model_name,
+                limit=cmp.task_limit, method=method, bits=bits, data_dir=data_dir, eval_cfg=ecfg,
+            )  # fmt: skip
+            rows_here += zs
         for corpus in cmp.corpora:
             _, row = eval_perplexity(
                 Model(model.cfg, hooks), p, tok, model_name=model_name, corpus=corpus,
                 seqlen=cmp.seqlen, limit=cmp.windows, method=method, bits=bits,
                 data_dir=data_dir, eval_cfg=ecfg,
             )  # fmt: skip
+            rows_here.append(row)
+        for row in rows_here:
             row = dataclasses.replace(row, notes={**row.notes, **notes})
             rows.append(row)
             if on_row is not None:
@@ -172,6 +185,7 @@ def run(
 def pivot(rows: Sequence[ResultRow]) -> str:
     """Markdown table, one line per (setting, method): bits per weight, perplexity on each
     corpus, minutes to quantize."""
+    rows = [r for r in rows if r.metric == "ppl"]
     corpora = list(dict.fromkeys(r.dataset for r in rows))
     lines: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:

@@ -1,6 +1,6 @@
 """The error table of every number format on Gaussian and heavy-tailed data (issue 2 main job).
 
-    .venv/bin/python scripts/format_table.py [--rows 1024 --cols 4096]
+.venv/bin/python scripts/format_table.py [--rows 1024 --cols 4096]
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""Weight-only PTQ table on SmolLM2-135M: bits per weight, perplexity and minutes to quantize.
+"""PTQ table (weight-only and weight+activation) on SmolLM2-135M or Gemma-3-270M: bits per
+weight and per activation, perplexity, zero-shot accuracy and minutes to quantize.
 
 Calibrates on seeded C4 segments, quantizes with each method at each setting (paper-default
 configs, ``methods.compare``), evaluates with the GPTQ protocol, appends every row to
@@ -43,7 +44,10 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--corpora", nargs="+", default=["wikitext2"])
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
+    ap.add_argument("--corpora", nargs="*", default=["wikitext2"])
+    ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks for every row")
+    ap.add_argument("--task-limit", type=int, default=200, help="first items of each task")
     ap.add_argument("--seed", type=int, default=0, help="the C4 calibration draw")
     ap.add_argument("--full", action="store_true", help="128 x 2048 calibration, all windows")
     ap.add_argument("--fp", action="store_true", help="also evaluate the unquantized model")
@@ -55,8 +59,9 @@ def main() -> None:
     cmp = CompareConfig(
         n_calib=args.n_calib, calib_seqlen=args.calib_seqlen, seqlen=args.seqlen,
         windows=args.windows, corpora=tuple(args.corpora), seed=args.seed,
+        tasks=tuple(args.tasks), task_limit=args.task_limit,
     )  # fmt: skip
-    model, params, tok = load("smollm2")
+    model, params, tok = load(args.model)
 
     def on_row(row):
         append_results([row], json_path=args.out + ".json", markdown_path=args.out + ".md")
@@ -64,7 +69,7 @@ def main() -> None:
 
     print(MARKDOWN_HEADER, end="")
     rows = run(
-        model, params, tok, model_name="smollm2", methods=args.methods, settings=args.settings,
+        model, params, tok, model_name=args.model, methods=args.methods, settings=args.settings,
         cmp=cmp, fp=args.fp, overrides=parse_overrides(args.set), on_row=on_row,
     )  # fmt: skip
     print("\n" + pivot(rows), end="")

@@ -83,8 +83,10 @@ def main() -> None:
         k += n
     d = np.abs(np.asarray(ours, np.float64) - theirs)
     print(f"{args.model} {args.task}, first {len(items)} items, {len(rows)} requests")
-    print(f"  max |Δ loglik| {d.max():.4f} nats, mean {d.mean():.4f} (llama.cpp: quantized "
-          "matmuls with Q8 activations, F16 KV cache)")
+    print(
+        f"  max |Δ loglik| {d.max():.4f} nats, mean {d.mean():.4f} (llama.cpp: quantized "
+        "matmuls with Q8 activations, F16 KV cache)"
+    )
     print(f"  same choice on {agree}/{len(items)} items")
     print(f"  acc: ours {hits_ours / len(items):.3f}, llama.cpp {hits_theirs / len(items):.3f}")
     print(f"  seconds: ours {t_ours:.1f}, llama.cpp {t_theirs:.1f}")

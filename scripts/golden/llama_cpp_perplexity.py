@@ -48,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_golden_logits import write_f32_copy  # noqa: E402  (script beside this one)
 
 
-def chunk_nlls(llm, tokens: np.ndarray, *, n_ctx: int, n_chunks: int, bos_id: int | None
-               ) -> np.ndarray:
+def chunk_nlls(
+    llm, tokens: np.ndarray, *, n_ctx: int, n_chunks: int, bos_id: int | None
+) -> np.ndarray:
     """Summed NLL of the scored second half of each chunk, llama.cpp's protocol [n_chunks]."""
     first = n_ctx // 2
     out = np.zeros(n_chunks, np.float64)
@@ -67,8 +68,9 @@ def chunk_nlls(llm, tokens: np.ndarray, *, n_ctx: int, n_chunks: int, bos_id: in
     return out
 
 
-def our_window_nlls(model_name: str, tokens: np.ndarray, *, n_ctx: int, n_chunks: int,
-                    bos_id: int | None) -> np.ndarray:
+def our_window_nlls(
+    model_name: str, tokens: np.ndarray, *, n_ctx: int, n_chunks: int, bos_id: int | None
+) -> np.ndarray:
     """Summed NLL per window of our float32 forward on the same windows: the windows and masks of
     ``harness.evaluate.perplexity_windows(protocol="llama.cpp")`` scored by ``score_rows`` — the
     exact path of ``perplexity`` / ``scripts/evaluate.py --protocol llama.cpp``, kept per row."""
@@ -91,10 +93,16 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16, help="first N chunks (0: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv", choices=["f16", "f32"], default="f16", help="KV-cache type")
-    ap.add_argument("--f32-weights", action="store_true",
-                    help="run llama.cpp on an all-F32 re-encoding of the GGUF")
-    ap.add_argument("--check-tokens", action="store_true",
-                    help="also tokenize with llama.cpp and require equal ids")
+    ap.add_argument(
+        "--f32-weights",
+        action="store_true",
+        help="run llama.cpp on an all-F32 re-encoding of the GGUF",
+    )
+    ap.add_argument(
+        "--check-tokens",
+        action="store_true",
+        help="also tokenize with llama.cpp and require equal ids",
+    )
     ap.add_argument("--ours", action="store_true", help="also score the windows with our forward")
     ap.add_argument("--json", type=Path, default=None, help="append the result to this JSON list")
     args = ap.parse_args()
@@ -120,9 +128,18 @@ def main() -> None:
             write_f32_copy(src, path)
         kv = llama_cpp.GGML_TYPE_F16 if args.kv == "f16" else llama_cpp.GGML_TYPE_F32
         llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=args.n_ctx, n_batch=args.n_ctx, n_ubatch=args.n_ctx,
-            n_threads=args.threads, n_threads_batch=args.threads, logits_all=True,
-            flash_attn=False, type_k=kv, type_v=kv, seed=0, verbose=False,
+            model_path=str(path),
+            n_ctx=args.n_ctx,
+            n_batch=args.n_ctx,
+            n_ubatch=args.n_ctx,
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            logits_all=True,
+            flash_attn=False,
+            type_k=kv,
+            type_v=kv,
+            seed=0,
+            verbose=False,
         )
         if args.check_tokens:
             theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
@@ -140,31 +157,46 @@ def main() -> None:
     n_scored = n_chunks * per_tok
     ppl_ref = math.exp(theirs_nll.sum() / n_scored)
     result = {
-        "model": args.model, "gguf": src.name, "text": "wikitext2 test (harness.data)",
-        "n_ctx": args.n_ctx, "chunks": n_chunks, "chunks_available": n_max,
-        "scored_tokens": n_scored, "threads": args.threads, "kv_cache": args.kv,
+        "model": args.model,
+        "gguf": src.name,
+        "text": "wikitext2 test (harness.data)",
+        "n_ctx": args.n_ctx,
+        "chunks": n_chunks,
+        "chunks_available": n_max,
+        "scored_tokens": n_scored,
+        "threads": args.threads,
+        "kv_cache": args.kv,
         "weights": "F32 re-encoding" if args.f32_weights else "quantized (as shipped)",
-        "llama_cpp_python": llama_cpp.__version__, "llama_cpp_ppl": ppl_ref,
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_cpp_ppl": ppl_ref,
         "llama_cpp_seconds": round(seconds, 2),
         "llama_cpp_chunk_nll": (theirs_nll / per_tok).round(6).tolist(),
     }
-    print(f"{args.model} n_ctx={args.n_ctx} chunks={n_chunks}/{n_max} kv={args.kv} "
-          f"weights={result['weights']}: llama.cpp ppl {ppl_ref:.4f} ({seconds:.1f} s)")
+    print(
+        f"{args.model} n_ctx={args.n_ctx} chunks={n_chunks}/{n_max} kv={args.kv} "
+        f"weights={result['weights']}: llama.cpp ppl {ppl_ref:.4f} ({seconds:.1f} s)"
+    )
     if args.ours:
         t0 = time.perf_counter()
-        ours_nll = our_window_nlls(args.model, tokens, n_ctx=args.n_ctx, n_chunks=n_chunks,
-                                   bos_id=bos_id)
+        ours_nll = our_window_nlls(
+            args.model, tokens, n_ctx=args.n_ctx, n_chunks=n_chunks, bos_id=bos_id
+        )
         ppl_ours = math.exp(ours_nll.sum() / n_scored)
         d = (ours_nll - theirs_nll) / per_tok
-        result.update({
-            "ours_ppl": ppl_ours, "ours_seconds": round(time.perf_counter() - t0, 2),
-            "rel_diff": ppl_ours / ppl_ref - 1.0,
-            "chunk_nll_diff_mean": float(d.mean()),
-            "chunk_nll_diff_absmax": float(np.abs(d).max()),
-            "ours_chunk_nll": (ours_nll / per_tok).round(6).tolist(),
-        })
-        print(f"ours ppl {ppl_ours:.4f}; relative difference {100 * result['rel_diff']:+.3f}%; "
-              f"per-window NLL difference mean {d.mean():+.5f}, max |.| {np.abs(d).max():.5f}")
+        result.update(
+            {
+                "ours_ppl": ppl_ours,
+                "ours_seconds": round(time.perf_counter() - t0, 2),
+                "rel_diff": ppl_ours / ppl_ref - 1.0,
+                "chunk_nll_diff_mean": float(d.mean()),
+                "chunk_nll_diff_absmax": float(np.abs(d).max()),
+                "ours_chunk_nll": (ours_nll / per_tok).round(6).tolist(),
+            }
+        )
+        print(
+            f"ours ppl {ppl_ours:.4f}; relative difference {100 * result['rel_diff']:+.3f}%; "
+            f"per-window NLL difference mean {d.mean():+.5f}, max |.| {np.abs(d).max():.5f}"
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         old = json.loads(args.json.read_text()) if args.json.exists() else []

@@ -26,15 +26,36 @@ from harness import data
 from harness.tokenizer import gguf_path
 
 OUT = Path(__file__).resolve().parents[2] / "tests" / "golden"
-CORPORA = {"wikitext2": data.wikitext2_text, "ptb": lambda: data.ptb_text("test"),
-           "c4": data.c4_text}
+CORPORA = {
+    "wikitext2": data.wikitext2_text,
+    "ptb": lambda: data.ptb_text("test"),
+    "c4": data.c4_text,
+}
 STRINGS = [
-    "", " ", "  ", "\n", "\n\n\n", "\t\tx", "Hello world", "  leading and trailing  ",
-    "a\n\nb\n \n c", "x  \n y\n", "It's we'll THEY'RE", "12345 3.14 1,000,000", "½ ² ٣ ៤ Ⅻ",
-    "héllo wörld — “quotes” …", "日本語のテキスト 中文", "emoji 🤖👍🏽 ok", "▁already▁escaped",
-    "<unk> <eos> <bos> <|endoftext|> <|im_start|>", "<b>bold</b> <h1>x</h1>",
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\n\n\n",
+    "\t\tx",
+    "Hello world",
+    "  leading and trailing  ",
+    "a\n\nb\n \n c",
+    "x  \n y\n",
+    "It's we'll THEY'RE",
+    "12345 3.14 1,000,000",
+    "½ ² ٣ ៤ Ⅻ",
+    "héllo wörld — “quotes” …",
+    "日本語のテキスト 中文",
+    "emoji 🤖👍🏽 ok",
+    "▁already▁escaped",
+    "<unk> <eos> <bos> <|endoftext|> <|im_start|>",
+    "<b>bold</b> <h1>x</h1>",
     "\u00a0nbsp\u2009thin",
-    "tab\tsep\tvalues", "zero\u200bwidth", "Ĳ ﬁ ｆｕｌｌ", "ARC: Question: Which?\nAnswer: yes",
+    "tab\tsep\tvalues",
+    "zero\u200bwidth",
+    "Ĳ ﬁ ｆｕｌｌ",
+    "ARC: Question: Which?\nAnswer: yes",
 ]
 
 
@@ -50,21 +71,31 @@ def main() -> None:
     for model in ("smollm2", "gemma3"):
         path = gguf_path(model)
         llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
-        out = {"model": model, "gguf": path.name, "llama_cpp_python": llama_cpp.__version__,
-               "call": "Llama(vocab_only=True).tokenize(text, add_bos=True, special=False)",
-               "corpora": {}, "strings": []}
+        out = {
+            "model": model,
+            "gguf": path.name,
+            "llama_cpp_python": llama_cpp.__version__,
+            "call": "Llama(vocab_only=True).tokenize(text, add_bos=True, special=False)",
+            "corpora": {},
+            "strings": [],
+        }
         for name, text in texts.items():
             ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
             out["corpora"][name] = {
                 "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                "count": len(ids), "ids_sha256": _ids_sha256(ids), "head": ids[:512],
-                "tail": ids[-512:]}
+                "count": len(ids),
+                "ids_sha256": _ids_sha256(ids),
+                "head": ids[:512],
+                "tail": ids[-512:],
+            }
         for s in STRINGS:
-            out["strings"].append({"text": s, "ids": llm.tokenize(s.encode("utf-8"), add_bos=True,
-                                                                  special=False)})
+            out["strings"].append(
+                {"text": s, "ids": llm.tokenize(s.encode("utf-8"), add_bos=True, special=False)}
+            )
         dest = OUT / f"tokens_{model}.json"
-        dest.write_text(json.dumps(out, ensure_ascii=False, separators=(",", ":")) + "\n",
-                        encoding="utf-8")
+        dest.write_text(
+            json.dumps(out, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8"
+        )
         counts = {k: v["count"] for k, v in out["corpora"].items()}
         print(dest, dest.stat().st_size, "bytes", counts)
 
