@@ -17,6 +17,9 @@ Invariants (checked by ``QArray.check`` and the property tests):
 * Blockwise, ``x ≈ (format.decode(codes) − zero) · scale``; this is exactly ``dequantize()``.
 * A block whose input contained NaN/Inf has scale NaN, so it dequantizes to NaN (never
   to silent finite garbage).
+
+A QArray is a ``numerics.leaves.WeightLeaf``: ``bits_per_weight()`` counts its codes, scales
+and zero points with ``numerics.packing`` (which this module builds on, never the reverse).
 """
 
 from __future__ import annotations
