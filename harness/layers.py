@@ -54,7 +54,10 @@ NO_HOOKS = Hooks()
 
 
 def is_quantized(w: Any) -> bool:
-    """True for a weight leaf that is a quantized object (anything with ``.dequantize()``)."""
+    """True for a weight leaf that is a quantized object: every ``numerics.leaves.WeightLeaf``
+    (``QArray``, ``DenseSparse``, ``ScaledQArray``, ``LUTWeight``: ``shape``, ``dtype``,
+    ``dequantize()``, ``bits_per_weight()``), and any other object with ``.dequantize()`` — the
+    seam needs nothing more, so a stand-in leaf runs too (only the bit count needs the rest)."""
     return hasattr(w, "dequantize") and not isinstance(w, jax.Array | np.ndarray)
 
 

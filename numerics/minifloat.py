@@ -52,7 +52,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, UInt8
 
-from numerics.formats import MAX_BITS, Format
+from numerics.format_base import MAX_BITS, Format
 
 POLICIES = ("ieee", "fn", "none", "fnu")
 

@@ -8,7 +8,9 @@ uint32. The axis is zero-padded to a multiple of ``L``; ``unpack`` needs the ori
 
 ``bits_per_weight`` counts everything a deployment stores: codes, scales (recursively for
 scales of scales), zero points (at the code width for integer formats, as GPTQ packs them),
-and sparse outliers (value + index bits each; SpQR counts 32 per outlier).
+sparse outliers (value + index bits each; SpQR counts 32 per outlier) and lookup tables —
+for every weight leaf, through the parts its ``storage_bits()`` lists (``numerics.leaves``).
+Imports point one way: ``numerics.qarray`` builds on this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array
+
+from numerics.formats import IntFormat
 
 _WORDS = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
 
@@ -96,28 +99,47 @@ def _unpack(w: Array, bits: int, length: int) -> Array:
 
 
 # --------------------------------------------------------------------------- accounting
+#
+# The one copy of the bits-per-weight arithmetic. Weight leaves (numerics.leaves.WeightLeaf)
+# list their stored parts in ``storage_bits()`` with the helpers below and count themselves with
+# ``bits_per_weight(self)``. This module sits below ``numerics.qarray`` (which packs its codes
+# with it), so it knows a QArray only by its fields: codes, scale (an array or a QArray),
+# zero and format.
+
+
+def array_bits(a) -> int:
+    """Bits of a plain array at its storage width: ``size · itemsize · 8``."""
+    return math.prod(a.shape) * jnp.dtype(a.dtype).itemsize * 8
 
 
 def storage_bits(qa) -> dict[str, int]:
-    """Bits stored for a QArray, by part: codes, scales, zeros (recursive over scale QArrays)."""
-    from numerics.formats import IntFormat
-    from numerics.qarray import QArray
+    """Bits stored for a QArray, by part: codes, scales, zeros (recursive over scale QArrays).
 
-    out = {"codes": qa.size * qa.format.bits, "scales": 0, "zeros": 0}
-    if isinstance(qa.scale, QArray):
-        inner = storage_bits(qa.scale)
-        out["scales"] = sum(inner.values())
-    else:
-        out["scales"] = int(np.prod(qa.scale.shape)) * jnp.dtype(qa.scale.dtype).itemsize * 8
+    Codes count ``format.bits`` each (packed, whatever their word); scales their storage dtype;
+    integer-valued zero points the code width for integer formats (as GPTQ packs them), else 16.
+    """
+    s = qa.scale
+    if hasattr(s, "codes") and hasattr(s, "format"):  # scales of scales: a QArray of them
+        scales = sum(storage_bits(s).values())
+    else:  # a float array (or anything with shape and dtype, e.g. a jax.ShapeDtypeStruct)
+        scales = array_bits(s)
+    zeros = 0
     if qa.zero is not None:
         zbits = qa.format.bits if isinstance(qa.format, IntFormat) else 16
-        out["zeros"] = int(np.prod(qa.zero.shape)) * zbits
-    return out
+        zeros = math.prod(qa.zero.shape) * zbits
+    return {"codes": math.prod(qa.shape) * qa.format.bits, "scales": scales, "zeros": zeros}
 
 
-def bits_per_weight(qa, *, n_outliers: int = 0, bits_per_outlier: int = 32) -> float:
-    """Average stored bits per weight, including scales, zero points and sparse outliers."""
+def bits_per_weight(leaf, *, n_outliers: int = 0, bits_per_outlier: int = 32) -> float:
+    """Average stored bits per weight element of a weight leaf (a QArray or any
+    ``numerics.leaves`` leaf): the sum of its ``storage_bits()`` parts (codes, scales, zero
+    points, outliers, lookup tables) plus ``n_outliers · bits_per_outlier``, over the number of
+    weights."""
     if n_outliers < 0:
         raise ValueError("n_outliers must be >= 0")
-    parts = storage_bits(qa)
-    return (sum(parts.values()) + n_outliers * bits_per_outlier) / qa.size
+    if not callable(getattr(leaf, "storage_bits", None)):
+        raise TypeError(
+            f"bits_per_weight: {type(leaf).__name__} is not a weight leaf (no storage_bits())"
+        )
+    parts = leaf.storage_bits()
+    return (sum(parts.values()) + n_outliers * bits_per_outlier) / math.prod(leaf.shape)

@@ -17,6 +17,9 @@ Invariants (checked by ``QArray.check`` and the property tests):
 * Blockwise, ``x ≈ (format.decode(codes) − zero) · scale``; this is exactly ``dequantize()``.
 * A block whose input contained NaN/Inf has scale NaN, so it dequantizes to NaN (never
   to silent finite garbage).
+
+A QArray is a ``numerics.leaves.WeightLeaf``: ``bits_per_weight()`` counts its codes, scales
+and zero points with ``numerics.packing`` (which this module builds on, never the reverse).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from numerics import granularity as G
+from numerics import packing as _packing
 from numerics.formats import Format
 
 
@@ -70,10 +74,8 @@ class QArray:
     def unpacked_codes(self) -> Array:
         if self.packing is None:
             return self.codes
-        from numerics.packing import unpack
-
         axis, _ = self.packing
-        return unpack(self.codes, self.format.bits, axis=axis, length=self.shape[axis])
+        return _packing.unpack(self.codes, self.format.bits, axis=axis, length=self.shape[axis])
 
     def values(self) -> Float[Array, "*shape"]:
         """Grid values ``decode(codes) − zero`` (before scaling), float32."""
@@ -88,18 +90,24 @@ class QArray:
 
     def pack(self, *, axis: int = -1, word_bits: int = 32) -> QArray:
         """Pack the codes along ``axis`` into ``uint{word_bits}`` words (lossless)."""
-        from numerics.packing import pack
-
         if self.packing is not None:
             raise ValueError("QArray is already packed")
         ax = axis % self.ndim
-        packed = pack(self.codes, self.format.bits, axis=ax, word_bits=word_bits)
+        packed = _packing.pack(self.codes, self.format.bits, axis=ax, word_bits=word_bits)
         return dataclasses.replace(self, codes=packed, packing=(ax, word_bits))
 
     def unpack(self) -> QArray:
         if self.packing is None:
             return self
         return dataclasses.replace(self, codes=self.unpacked_codes(), packing=None)
+
+    def storage_bits(self) -> dict[str, int]:
+        """Stored bits by part (codes, scales, zeros): ``numerics.packing.storage_bits``."""
+        return _packing.storage_bits(self)
+
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight element: ``numerics.packing.bits_per_weight``."""
+        return _packing.bits_per_weight(self)
 
     def check(self) -> None:
         """Raise ValueError if an invariant of the docstring does not hold (eager only)."""

@@ -27,6 +27,7 @@ from jaxtyping import Array, Float
 from numerics import granularity as G
 from numerics.config import QuantConfig, rtn
 from numerics.formats import IntFormat
+from numerics.packing import storage_bits
 from numerics.qarray import QArray
 from numerics.quantize import check_input, quantize
 
@@ -116,6 +117,4 @@ def progressive_quantize(
 
 def scale_overhead_bits(qa: QArray) -> float:
     """Bits per weight spent on scales (incl. second level) — for reports."""
-    from numerics.packing import storage_bits
-
     return storage_bits(qa)["scales"] / math.prod(qa.shape)

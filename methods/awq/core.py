@@ -23,7 +23,8 @@ Scales are rounded to float16 (the repo folds them into an fp16 model), so the s
 is exactly the loss of the weight returned. Which linears share a scale and where it is folded
 (the preceding RMSNorm or the rows of the preceding linear) is the model walk's business
 (``methods/awq/__init__.py``); here ``quantize_layer`` is AWQ for one linear on its own, and its
-weight is a :class:`ScaledQArray` — ``Q(W·diag(s))`` with ``s`` kept beside it, the unfolded form.
+weight is a ``numerics.leaves.ScaledQArray`` — ``Q(W·diag(s))`` with ``s`` kept beside it, the
+unfolded form (importable from here too).
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ from methods.base import (
     ungroup,
 )
 from numerics.config import QuantConfig, rtn
-from numerics.packing import bits_per_weight
-from numerics.qarray import QArray
+from numerics.leaves import ScaledQArray  # the leaf lives in numerics; re-exported here
 from numerics.quantize import check_input, fake_quant, quantize
 
 _HI = jax.lax.Precision.HIGHEST
@@ -91,31 +91,6 @@ class AWQConfig:
             scale_dtype=self.scale_dtype,
             ragged=self.ragged,
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class ScaledQArray:
-    """``Ŵ = Q(W·diag(s))·diag(s)⁻¹``: the quantized, column-scaled weight and its input scale.
-
-    In a model ``s`` is folded into the preceding norm / linear and only ``q`` is stored; on its
-    own a layer must keep ``s`` (d_in float16 values, counted in ``bits_per_weight``)."""
-
-    q: QArray  # quantized W·diag(s) [out, in]
-    s: Float[Array, " d_in"]  # per-input-channel scale (float16)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.q.shape
-
-    def dequantize(self, dtype=None) -> Array:
-        w = self.q.dequantize(jnp.float32) / self.s.astype(jnp.float32)[None, :]
-        return w.astype(dtype or self.q.dtype)
-
-    def bits_per_weight(self) -> float:
-        return bits_per_weight(self.q) + self.s.size * 16 / self.q.size
-
-
-jax.tree_util.register_dataclass(ScaledQArray)
 
 
 def alpha_grid(n_grid: int) -> Float[Array, " n_grid"]:

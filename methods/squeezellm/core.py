@@ -27,54 +27,22 @@ levels per output channel, ``Q(w)`` the nearest level.
 Storage: ``LUTWeight`` — ``b``-bit codes ``[m, n]`` and a per-row lookup table ``[m, k]`` of
 fp16 levels (``QuantLinearLUT``'s ``qweight`` / ``lookup_table``). A per-row codebook is not one
 ``numerics`` ``Format`` (a format is static and shared by the whole array), hence this small
-pytree; it works wherever a weight leaf may be quantized (it has ``.dequantize()``), and
-``numerics.sparse.weight_bits`` counts it through its ``bits_per_weight()``:
+weight leaf, ``numerics.leaves.LUTWeight`` (importable from here too); it satisfies the
+``numerics.leaves.WeightLeaf`` protocol, and ``numerics.leaves.weight_bits`` counts it:
 ``b + 16·k/n`` bits per weight, plus 32 per sparse outlier when wrapped in a ``DenseSparse``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, UInt8
+from jaxtyping import Array, Float, Int
 
 from methods.base import LayerResult, LayerStats, check_bits
 from numerics.codebooks import kmeans_batched
-from numerics.sparse import DenseSparse, weight_bits
-
-
-@dataclasses.dataclass(frozen=True)
-class LUTWeight:
-    """Per-output-channel non-uniform codes: ``W[i, j] ≈ lut[i, codes[i, j]]``."""
-
-    codes: UInt8[Array, "m n"]  # indices into the row's table, < 2**bits
-    lut: Float[Array, "m k"]  # the row's levels (float16, ascending)
-    bits: int = dataclasses.field(metadata={"static": True})
-    dtype: Any = dataclasses.field(default=jnp.float32, metadata={"static": True})
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.codes.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.codes.shape)
-
-    def dequantize(self, dtype=None) -> Float[Array, "m n"]:
-        w = jnp.take_along_axis(self.lut.astype(jnp.float32), self.codes.astype(jnp.int32), axis=1)
-        return w.astype(jnp.dtype(dtype or self.dtype))
-
-    def bits_per_weight(self) -> float:
-        """Codes at ``bits`` each plus the table entries at their storage width (fp16)."""
-        lut_bits = self.lut.size * jnp.dtype(self.lut.dtype).itemsize * 8
-        return (self.size * self.bits + lut_bits) / self.size
-
-
-jax.tree_util.register_dataclass(LUTWeight)
+from numerics.leaves import DenseSparse, LUTWeight, weight_bits  # LUTWeight re-exported here
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
