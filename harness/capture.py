@@ -20,10 +20,15 @@ accumulated over micro-batches, so no layer's full activation matrix is ever hel
   for methods that search scales by running the block, e.g. AWQ; calibration segments are
   whole sequences, so positions are always ``0 … t-1``),
   ``outputs(block_params)`` and ``cache_attention(block_params)`` (once q/k/v are final, compute
-  the attention output once and reuse it in later recaptures and outputs).
+  the attention output once and reuse it in later recaptures and outputs); likewise
+  ``cache_down_input``; ``cache(kind, block_params)`` is either, by the name the adapter table
+  gives (``LinearGroup.then_cache``).
+* :func:`shared_layer` — the block whose compiled step serves block ``i`` (one compilation per
+  layer type).
 
 Inputs are recorded at the seam *before* any ``act_quant`` hook. Linears that share an input
-(the adapter table's groups: q/k/v, gate/up) share one accumulator state.
+(the adapter table's groups, ``harness.structure``: q/k/v, gate/up) share one accumulator
+state; the table also gives each input's width and which inputs a cache makes unavailable.
 """
 
 from __future__ import annotations
