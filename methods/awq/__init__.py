@@ -27,8 +27,6 @@ itself (calibration forward, resume from ``checkpoint_dir``, report, timing) is
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -205,16 +203,13 @@ def quantize_model(
     cfg: AWQConfig,
     *,
     batch_size: int = 8,
-    progress: bool = False,
-    checkpoint_dir: str | Path | None = None,
-    on_block_done: Callable[[int], None] | None = None,
+    **walk: Any,
 ) -> QuantizedModel:
     """AWQ over every block (module docstring); returns params with QArray linears and the
     scales folded into the norms / preceding linears.
 
-    ``checkpoint_dir``: each finished quantized block is saved there (``methods.checkpoint``)
-    and a rerun with the same inputs resumes after the last saved block; ``on_block_done(i)``
-    is called after block ``i`` is saved."""
+    ``walk`` goes to ``methods.walk.walk_blocks``: ``progress``, ``checkpoint_dir`` (save each
+    finished block, resume after the last saved one), ``on_block_done(i)``."""
     model = Model(model_cfg)
 
     def step(i, bp, calib):
@@ -231,9 +226,7 @@ def quantize_model(
         # "fp": the unmodified block, whose outputs the repo computes before scaling
         propagate=cfg.propagate,
         batch_size=batch_size,
-        progress=progress,
-        checkpoint_dir=checkpoint_dir,
-        on_block_done=on_block_done,
+        **walk,
     )
 
 

@@ -19,8 +19,6 @@ not implemented here (weight-only).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -124,16 +122,13 @@ def quantize_model(
     cfg: OmniQuantConfig,
     *,
     batch_size: int = 8,
-    progress: bool = False,
-    checkpoint_dir: str | Path | None = None,
-    on_block_done: Callable[[int], None] | None = None,
+    **walk: Any,
 ) -> QuantizedModel:
     """OmniQuant (LWC, weight-only) over every block; ``batch_size`` is the evaluation micro-batch
     (the training batch is ``cfg.batch_size``).
 
-    ``checkpoint_dir``: each finished quantized block is saved there (``methods.checkpoint``)
-    and a rerun with the same inputs resumes after the last saved block; ``on_block_done(i)``
-    is called after block ``i`` is saved."""
+    ``walk`` goes to ``methods.walk.walk_blocks``: ``progress``, ``checkpoint_dir`` (save each
+    finished block, resume after the last saved one), ``on_block_done(i)``."""
     model = Model(model_cfg)
     state: dict[str, Any] = {}
 
@@ -171,9 +166,7 @@ def quantize_model(
         accumulators={},  # the block's inputs (calib.inputs) only, no statistics
         names=(),
         batch_size=batch_size,
-        progress=progress,
-        checkpoint_dir=checkpoint_dir,
-        on_block_done=on_block_done,
+        **walk,
     )
 
 
