@@ -20,10 +20,15 @@ accumulated over micro-batches, so no layer's full activation matrix is ever hel
   for methods that search scales by running the block, e.g. AWQ; calibration segments are
   whole sequences, so positions are always ``0 … t-1``),
   ``outputs(block_params)`` and ``cache_attention(block_params)`` (once q/k/v are final, compute
-  the attention output once and reuse it in later recaptures and outputs).
+  the attention output once and reuse it in later recaptures and outputs); likewise
+  ``cache_down_input``; ``cache(kind, block_params)`` is either, by the name the adapter table
+  gives (``LinearGroup.then_cache``).
+* :func:`shared_layer` — the block whose compiled step serves block ``i`` (one compilation per
+  layer type).
 
 Inputs are recorded at the seam *before* any ``act_quant`` hook. Linears that share an input
-(the adapter table's groups: q/k/v, gate/up) share one accumulator state.
+(the adapter table's groups, ``harness.structure``: q/k/v, gate/up) share one accumulator
+state; the table also gives each input's width and which inputs a cache makes unavailable.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
+from harness import structure
 from harness.layers import NO_HOOKS, Hooks
-from harness.model import ADAPTERS, BLOCK_LINEARS, KV_SITES, OUTPUT_SITE, Model, ModelConfig
+from harness.model import BLOCK_LINEARS, KV_SITES, OUTPUT_SITE, Model, ModelConfig
 
 
 class Accumulator(NamedTuple):
@@ -124,14 +130,14 @@ DEFAULT_ACCUMULATORS: dict[str, Accumulator] = {"H": hessian()}
 def _leaders(cfg: ModelConfig, names: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """For each input group touched by ``names``: first wanted member -> wanted members."""
     out = {}
-    for g in ADAPTERS[cfg.family]:
+    for g in structure.groups(cfg.family):
         members = tuple(n for n in g.names if n in names)
         if members:
             out[members[0]] = members
     return out
 
 
-def _shared_layer(model: Model, i: int) -> int:
+def shared_layer(model: Model, i: int) -> int:
     """A block index whose compiled step can serve block ``i``: without hooks a block depends on
     its index only through its layer type (window, RoPE base), so blocks of one type share one
     compilation; hooks receive layer names and indices, so then every block is its own."""
@@ -163,18 +169,6 @@ def _block_fn(model: Model, i: int):
 def _input_fn(model: Model, i: int, name: str):
     """The input of linear ``name`` alone (XLA drops what comes after it)."""
     return jax.jit(lambda bp, h, mix: model.apply_block(bp, i, h, capture=True, mix=mix)[1][name])
-
-
-def _input_dims(cfg: ModelConfig) -> dict[str, int]:
-    d_attn = cfg.n_heads * cfg.head_dim
-    dims = {n: cfg.d_model for n in BLOCK_LINEARS}
-    dims.update({"attn.o_proj": d_attn, "mlp.down_proj": cfg.d_ff, OUTPUT_SITE: cfg.d_model})
-    dims.update({site: cfg.n_kv_heads * cfg.head_dim for site in KV_SITES})
-    return dims
-
-
-_QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
-_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
 def _part(a: Array | None, sl: slice) -> Array | None:
@@ -219,16 +213,13 @@ def block_stats(
         raise ValueError(f"no accumulators given for the capture sites {missing}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if mix is not None and set(names) & set(_QKV + KV_SITES):
-        raise ValueError(
-            f"the attention output is cached, so the inputs of {_QKV} and the keys / values are "
-            "not recomputed; capture them before cache_attention"
-        )
-    if down_in is not None and set(names) & set(_QKV + _GATE_UP + KV_SITES):
-        raise ValueError(
-            f"down_proj's input is cached, so the inputs of {_QKV + _GATE_UP} are not "
-            "recomputed; capture them before cache_down_input"
-        )
+    for cache, value in (("attention", mix), ("down_input", down_in)):
+        skipped = structure.not_recomputed(model.cfg.family, cache) + KV_SITES
+        if value is not None and set(names) & set(skipped):
+            raise ValueError(
+                f"the {cache} cache is set, so the inputs of {skipped} are not recomputed; "
+                "capture them before it is cached"
+            )
     groups = _leaders(model.cfg, names)
     groups |= {n: (n,) for n in names if n not in BLOCK_LINEARS}
     linear = tuple(sorted(accumulators.items()))
@@ -238,9 +229,9 @@ def block_stats(
     spec = tuple((ld, accs) for ld, accs in spec if accs)
     if not spec:
         return {}
-    dims = _input_dims(model.cfg)
+    dims = structure.input_dims(model.cfg)
     states = {ld: {k: acc.init(dims[ld]) for k, acc in accs} for ld, accs in spec}
-    step = _stats_step(model, _shared_layer(model, i), spec)
+    step = _stats_step(model, shared_layer(model, i), spec)
     for sl in _batches(inputs.shape[0], batch_size):
         states = step(states, block_params, inputs[sl], _part(mix, sl), _part(down_in, sl))
     return {n: states[ld] for ld, members in groups.items() if ld in states for n in members}
@@ -303,7 +294,8 @@ class BlockCalibration(Mapping):
         whole block for each). Valid only while q/k/v and the attention norms stay as given.
         """
         self.down_in = None  # computed from the old attention output
-        self.mix = self._input_of("attn.o_proj", block_params, None)
+        name = structure.cache_input(self.model.cfg.family, "attention")
+        self.mix = self._input_of(name, block_params, None)
 
     def cache_down_input(self, block_params: Any) -> None:
         """Compute down_proj's input ``act(gate(x))·up(x)`` once with ``block_params``'s o_proj,
@@ -312,10 +304,19 @@ class BlockCalibration(Mapping):
         no second gate/up pass for the block output. Holds ``n × t × d_ff`` floats."""
         if self.mix is None:
             raise ValueError("cache_attention first: down_proj's input is computed from it")
-        self.down_in = self._input_of("mlp.down_proj", block_params, self.mix)
+        name = structure.cache_input(self.model.cfg.family, "down_input")
+        self.down_in = self._input_of(name, block_params, self.mix)
+
+    def cache(self, kind: str, block_params: Any) -> None:
+        """The cache named by the adapter table (``LinearGroup.then_cache``): ``"attention"``
+        (:meth:`cache_attention`) or ``"down_input"`` (:meth:`cache_down_input`)."""
+        caches = {"attention": self.cache_attention, "down_input": self.cache_down_input}
+        if kind not in caches:
+            raise ValueError(f"unknown cache {kind!r}; expected one of {structure.CACHES}")
+        caches[kind](block_params)
 
     def _input_of(self, name: str, block_params: Any, mix: Array | None) -> Array:
-        f = _input_fn(self.model, _shared_layer(self.model, self.layer), name)
+        f = _input_fn(self.model, shared_layer(self.model, self.layer), name)
         parts = [
             f(block_params, self.inputs[sl], _part(mix, sl))
             for sl in _batches(self.inputs.shape[0], self.batch_size)
@@ -324,7 +325,7 @@ class BlockCalibration(Mapping):
 
     def outputs(self, block_params: Any) -> Float[Array, "n t d"]:
         """Block outputs for all calibration inputs, with ``block_params``."""
-        f = _block_fn(self.model, _shared_layer(self.model, self.layer))
+        f = _block_fn(self.model, shared_layer(self.model, self.layer))
         parts = [
             f(block_params, self.inputs[sl], _part(self.mix, sl), _part(self.down_in, sl))
             for sl in _batches(self.inputs.shape[0], self.batch_size)

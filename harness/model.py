@@ -61,16 +61,43 @@ from harness.layers import (
     rms_norm,
     rope_frequencies,
 )
+from harness.structure import (  # the adapter table lives there; re-exported for old imports
+    ADAPTERS,
+    BLOCK_LINEARS,
+    LinearGroup,
+    get_param,
+    linear_names,
+    maybe_param,
+    set_param,
+)
+
+__all__ = [
+    "ADAPTERS",
+    "BLOCK_LINEARS",
+    "MLP",
+    "Attention",
+    "Block",
+    "LinearGroup",
+    "Model",
+    "ModelConfig",
+    "cast_params",
+    "default_positions",
+    "get_param",
+    "init_params",
+    "linear_names",
+    "param_shapes",
+    "set_param",
+]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_FAMILIES = ("llama", "gemma3")
+_FAMILIES = tuple(ADAPTERS)  # a family is a model whose blocks have an adapter table
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Hyper-parameters of a decoder; every architectural difference is a field here."""
 
-    family: str = "llama"  # adapter-table key: "llama" (LLaMA/Mistral/Qwen2/SmolLM2) or "gemma3"
+    family: str = "llama"  # "llama" (LLaMA/Mistral/Qwen2/SmolLM2) | "gemma3": ADAPTERS key
     vocab_size: int  # V, rows of the embedding
     d_model: int  # residual width d
     n_layers: int  # number of decoder blocks
@@ -160,91 +187,6 @@ class ModelConfig:
     @property
     def scale(self) -> float:
         return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
-
-
-# --------------------------------------------------------------------------------------------
-# Adapter table: which linears share an input, and what precedes them (AWQ / SmoothQuant fold
-# their per-channel scales into ``norm`` or into the rows of ``prev``).
-
-
-@dataclass(frozen=True, kw_only=True)
-class LinearGroup:
-    """Linears of one block that read the same input."""
-
-    names: tuple[str, ...]  # block-relative names, e.g. ("attn.q_proj", "attn.k_proj", ...)
-    norm: str | None = (
-        None  # block-relative norm whose output is the input (scale foldable into it)
-    )
-    prev: str | None = None  # linear whose output is the input (scale foldable into its rows)
-
-
-_LLAMA_GROUPS = (
-    LinearGroup(names=("attn.q_proj", "attn.k_proj", "attn.v_proj"), norm="attn_norm"),
-    LinearGroup(names=("attn.o_proj",), prev="attn.v_proj"),
-    LinearGroup(names=("mlp.gate_proj", "mlp.up_proj"), norm="mlp_norm"),
-    LinearGroup(names=("mlp.down_proj",), prev="mlp.up_proj"),
-)
-# Gemma 3: same grouping; its post-norms act on linear *outputs* (before the residual add) and
-# its q/k norms sit after q_proj / k_proj, so none of them precedes a linear input.
-ADAPTERS: dict[str, tuple[LinearGroup, ...]] = {"llama": _LLAMA_GROUPS, "gemma3": _LLAMA_GROUPS}
-BLOCK_LINEARS: tuple[str, ...] = tuple(n for g in _LLAMA_GROUPS for n in g.names)
-# Capture sites besides the linear inputs (``apply_block(capture=True)``; harness.stats):
-KV_SITES: tuple[str, ...] = ("attn.k_pre_rope", "attn.k", "attn.v")  # [b, t, kv·hd]
-OUTPUT_SITE = "block.output"  # the block's output hidden states [b, t, d]
-
-
-def linear_names(cfg: ModelConfig) -> list[str]:
-    """Full names of every block linear, in forward order (``lm_head`` excluded)."""
-    return [
-        f"blocks.{i}.{n}"
-        for i in range(cfg.n_layers)
-        for g in ADAPTERS[cfg.family]
-        for n in g.names
-    ]
-
-
-def _path(name: str) -> list[str | int]:
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
-
-
-def get_param(tree: Any, name: str) -> Any:
-    """Leaf at a dotted name, e.g. ``blocks.3.attn.q_proj`` (or ``attn.q_proj`` in a block)."""
-    node = tree
-    for p in _path(name):
-        try:
-            node = node[p]
-        except (KeyError, IndexError, TypeError) as e:
-            raise KeyError(f"no parameter {name!r} (failed at {p!r})") from e
-    return node
-
-
-def _maybe(tree: Any, name: str) -> Any:
-    try:
-        return get_param(tree, name)
-    except KeyError:
-        return None
-
-
-def set_param(tree: Any, name: str, value: Any) -> Any:
-    """A copy of ``tree`` with the leaf at ``name`` replaced (containers copied along the path)."""
-    path = _path(name)
-
-    def rec(node, i):
-        if i == len(path):
-            return value
-        p = path[i]
-        if isinstance(node, list):
-            new = list(node)
-        elif isinstance(node, dict):
-            if p not in node:
-                raise KeyError(f"no parameter {name!r} (failed at {p!r})")
-            new = dict(node)
-        else:
-            raise KeyError(f"no parameter {name!r} (failed at {p!r})")
-        new[p] = rec(node[p], i + 1)
-        return new
-
-    return rec(tree, 0)
 
 
 def cast_params(params: Any, dtype: Any) -> Any:
@@ -442,8 +384,7 @@ class Model:
             {"params": block_params}, h, positions, mix, down_in, mutable=["linear_inputs"]
         )
         ins = state["linear_inputs"]
-        got = {n: v[0] for n in BLOCK_LINEARS + KV_SITES if (v := _maybe(ins, n)) is not None}
-        return out, got | {OUTPUT_SITE: out}
+        return out, {n: v[0] for n in BLOCK_LINEARS if (v := maybe_param(ins, n)) is not None}
 
     def block(self, params: Any, i: int, h: Array, positions: Array | None = None) -> Array:
         return self.apply_block(params["blocks"][i], i, h, positions)

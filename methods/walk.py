@@ -1,16 +1,23 @@
-"""The shared layer walk: quantize a model block by block with a per-layer core.
+"""The one block-walk driver, and the per-linear walk built on it.
 
-``quantize_sequential`` drives ``harness.capture.sequential``: calibration inputs go through one
-block at a time; inside a block the linears are quantized in GPTQ's "true sequential" order
-(q/k/v, then o, then gate/up, then down — each group's inputs re-captured after the previous
-groups were quantized), and the *quantized* block's outputs feed the next block. Only the first
-group's inputs are captured up front; once q/k/v are quantized the attention output is computed
-once and reused for the later groups and the block output (``BlockCalibration.cache_attention``):
-the same numbers as GPTQ's reference, which re-runs the whole block per group, with one attention
-pass per block instead of five; likewise down_proj's input once gate/up are quantized
-(``cache_down_input``), so gate/up run once more for it and not again for the block output.
-Each linear is handed to ``layer_fn(W, LayerStats, cfg, key=...)`` (a method's pure core) and
-its float weight leaf is replaced by the returned quantized leaf.
+:func:`walk_blocks` drives every block-wise method (the per-linear walk below for GPTQ / RTN /
+SpQR / SqueezeLLM, AWQ, OmniQuant). A method supplies only a *block step*
+``step(i, block_params, calib) -> (quantized block params, report rows)``; the driver owns the
+rest: the calibration forward (``harness.capture.sequential``, or none for a data-free method),
+checkpoint resume (``methods.checkpoint.resume`` / ``ckpt.save``), the report, the timing,
+``on_block_done``, and which block feeds the next one (the quantized block, or the
+full-precision one: AWQ's ``propagate="fp"``).
+
+:func:`quantize_sequential` is the per-linear walk: inside a block the linears are quantized in
+the adapter table's group order (``harness.structure``; GPTQ's "true sequential" order: q/k/v,
+then o, then gate/up, then down — each group's inputs re-captured after the earlier groups were
+quantized), and the *quantized* block's outputs feed the next block. Only the first group's
+inputs are captured up front; once a group the table marks with ``then_cache`` is final, its
+cache is computed once and reused (``BlockCalibration.cache``): after q/k/v the attention output
+(``cache_attention``), after gate/up down_proj's input (``cache_down_input``) — the same numbers
+as GPTQ's reference, which re-runs the whole block per group, with one attention pass per block
+instead of five. Each linear is handed to ``layer_fn(W, LayerStats, cfg, key=...)`` (a method's
+pure core) and its float weight leaf is replaced by the returned quantized leaf.
 
 Resumable runs: with ``checkpoint_dir`` every finished block is saved (packed codes, orbax;
 ``methods.checkpoint``); a rerun with the same inputs loads the finished blocks, only runs them
@@ -22,6 +29,7 @@ quantized in order without running the model.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from harness import capture
+from harness import capture, structure
 from harness import stats as statistics
 from harness.model import ModelConfig, get_param, set_param
 from methods import checkpoint
@@ -39,12 +47,87 @@ from methods.base import LayerResult, LayerStats, QuantizedModel
 from methods.hooks import act_hooks
 from numerics.sparse import weight_bits
 
-TRUE_SEQUENTIAL: tuple[tuple[str, ...], ...] = (
-    ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
-    ("attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+BlockStep = Callable[[int, Any, "capture.BlockCalibration | None"], tuple[Any, list[dict]]]
+_PROPAGATE = ("quantized", "fp")
+
+
+def walk_blocks(
+    params: Any,
+    model_cfg: ModelConfig,
+    calib_tokens: Any,
+    step: BlockStep,
+    *,
+    run_parts: tuple[Any, ...],
+    accumulators: Mapping[str, capture.Accumulator] | None,
+    names: tuple[str, ...] | None = None,
+    sites: Mapping[str, Mapping[str, capture.Accumulator]] | None = None,
+    propagate: str = "quantized",
+    batch_size: int = 8,
+    progress: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    on_block_done: Callable[[int], None] | None = None,
+) -> QuantizedModel:
+    """Quantize ``params`` block by block with ``step`` (see the module docstring).
+
+    ``step(i, block_params, calib)`` gets block ``i``'s float params and its
+    ``harness.capture.BlockCalibration`` (statistics of the linears ``names``, default all,
+    under ``accumulators``; ``calib.inputs`` are the block's input hidden states) and returns
+    ``(quantized block params, report rows)``, one row per linear with at least ``name`` and
+    ``bits``. ``accumulators=None``: data-free, no calibration forward at all (``calib`` is
+    None); ``{}``: the forward runs (``calib.inputs``) but collects no statistics. ``sites``:
+    statistics of the keys / values / block output (``harness.stats.plan``).
+
+    ``propagate``: what the next block's inputs come from — ``"quantized"`` (the returned
+    block) or ``"fp"`` (the block's own float params). ``run_parts``: the method's part of the
+    run's identity (its config, its name, …); with ``params``, the model config, the tokens and
+    ``batch_size`` it names the checkpoints in ``checkpoint_dir`` (``methods.checkpoint``),
+    from which a rerun resumes after the last saved block. ``on_block_done(i)`` is called once
+    block ``i`` is saved. A row's ``seconds``: the step's own measurement where it gives one,
+    else an even share of the step's wall time; ``QuantizedModel.seconds`` is the whole run."""
+    if propagate not in _PROPAGATE:
+        raise ValueError(f"propagate must be one of {_PROPAGATE}, got {propagate!r}")
+    t0 = time.perf_counter()
+    ckpt, done, report = checkpoint.resume(
+        checkpoint_dir, params, repr(model_cfg), calib_tokens, *run_parts, batch_size
+    )
+    quantized = dict(done)
+
+    def forward(i: int, bq: Any) -> Any:
+        return params["blocks"][i] if propagate == "fp" else bq
+
+    def on_block(i: int, bp: Any, calib: capture.BlockCalibration | None) -> Any:
+        t = time.perf_counter()
+        bq, rows = step(i, bp, calib)
+        jax.block_until_ready(jax.tree_util.tree_leaves(bq))
+        share = (time.perf_counter() - t) / max(len(rows), 1)
+        rows = [r if "seconds" in r else {**r, "seconds": share} for r in rows]
+        quantized[i] = bq
+        report.extend(rows)
+        if ckpt is not None:
+            ckpt.save(i, bq, rows)
+        if on_block_done is not None:
+            on_block_done(i)
+        return forward(i, bq)
+
+    if accumulators is None:  # data-free: no statistics, so no calibration forward either
+        for i in range(model_cfg.n_layers):
+            if i not in done:
+                on_block(i, params["blocks"][i], None)
+    else:
+        capture.sequential(
+            params,
+            model_cfg,
+            calib_tokens,
+            on_block,
+            accumulators=accumulators,
+            names=names,
+            sites=sites,
+            batch_size=batch_size,
+            progress=progress,
+            done_blocks={i: forward(i, bq) for i, bq in done.items()},
+        )
+    blocks = [quantized[i] for i in range(model_cfg.n_layers)]
+    return quantized_model(params, {**params, "blocks": blocks}, report, t0)
 
 
 def layer_stats(state: Mapping[str, Any], fisher: Any = None) -> LayerStats:
@@ -74,77 +157,72 @@ def quantize_sequential(
     computed outside the walk (e.g. SqueezeLLM's Fisher information: ``{"fisher": F}``).
     ``checkpoint_dir``: save each finished block there and resume from the finished ones.
     ``on_block_done(i)`` is called after block ``i`` is quantized (and saved)."""
-    t0 = time.perf_counter()
-    ckpt, done, report = checkpoint.resume(
-        checkpoint_dir,
-        params,
-        repr(model_cfg),
-        calib_tokens,
-        repr(cfg),
-        _qualname(layer_fn),
-        needs,
-        true_sequential,
-        extra_stats or {},
-        seed,
-        batch_size,
-    )
     accs, _ = statistics.plan(tuple(needs))
     act: dict[str, Any] = {}
-    groups = TRUE_SEQUENTIAL if true_sequential else (tuple(n for g in TRUE_SEQUENTIAL for n in g),)
+    table = structure.groups(model_cfg.family)
+    if true_sequential:
+        order = [(g.names, g.then_cache) for g in table]
+    else:  # every linear from the float block's inputs
+        order = [(structure.block_linears(model_cfg.family), None)]
+    per_block = sum(len(names) for names, _ in order)
     extra = extra_stats or {}
 
-    def on_block(i: int, bp: Any, calib: capture.BlockCalibration | None) -> Any:
-        first = len(report)
-        for gi, group in enumerate(groups):
+    def step(i: int, bp: Any, calib: capture.BlockCalibration | None) -> tuple[Any, list[dict]]:
+        rows: list[dict[str, Any]] = []
+        for gi, (names, _) in enumerate(order):
             if gi > 0 and accs:
-                if gi == 1:  # q/k/v are final: the attention output is too (see module doc)
-                    calib.cache_attention(bp)
-                if gi == 3:  # o and gate/up are final: so is down's input
-                    calib.cache_down_input(bp)
-                calib.recapture(bp, group)
-            for rel in group:
+                cache = order[gi - 1][1]
+                if cache is not None:  # the earlier groups are final: so is this cache
+                    calib.cache(cache, bp)
+                calib.recapture(bp, names)
+            for rel in names:
                 name = f"blocks.{i}.{rel}"
                 W = get_param(bp, rel)
                 stats = layer_stats(calib[rel] if accs else {}, extra.get(name, {}).get("fisher"))
-                key = jax.random.fold_in(jax.random.key(seed), len(report))
+                # the linear's place in the whole walk: resumed blocks hold per_block rows each
+                key = jax.random.fold_in(jax.random.key(seed), i * per_block + len(rows))
                 t = time.perf_counter()
                 res = layer_fn(jnp.asarray(W, jnp.float32), stats, cfg, key=key)
                 jax.block_until_ready(jax.tree_util.tree_leaves(res.weight))
-                report.append(
+                rows.append(
                     {
                         "name": name,
                         "bits": weight_bits(res.weight),
-                        "seconds": time.perf_counter() - t,
+                        "seconds": time.perf_counter() - t,  # the core alone
                     }
                     | {k: _scalar(v) for k, v in res.info.items() if _is_scalar(v)}
                 )
                 bp = set_param(bp, rel, res.weight)
                 if res.act is not None:
                     act[name] = res.act
-        if ckpt is not None:
-            ckpt.save(i, bp, report[first:])
-        if on_block_done is not None:
-            on_block_done(i)
-        return bp
+        return bp, rows
 
-    if accs:
-        new_params = capture.sequential(
-            params,
-            model_cfg,
-            calib_tokens,
-            on_block,
-            accumulators=accs,
-            names=groups[0],  # later groups are captured after the earlier ones
-            batch_size=batch_size,
-            progress=progress,
-            done_blocks=done,
+    result = walk_blocks(
+        params,
+        model_cfg,
+        calib_tokens,
+        step,
+        run_parts=(
+            repr(cfg),
+            _qualname(layer_fn),
+            needs,
+            true_sequential,
+            extra,
+            seed,
+        ),
+        accumulators=accs if accs else None,
+        names=order[0][0],  # later groups are captured after the earlier ones
+        batch_size=batch_size,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        on_block_done=on_block_done,
+    )
+    if act and len(act) != len(result.report):
+        raise ValueError(
+            "resumed blocks carry no activation quantizers (checkpoints hold weights only): "
+            "a weight+activation method cannot resume from checkpoint_dir; start a new one"
         )
-    else:  # data-free (RTN): no statistics, so no calibration forward either
-        blocks = list(params["blocks"])
-        for i in range(model_cfg.n_layers):
-            blocks[i] = done[i] if i in done else on_block(i, blocks[i], None)
-        new_params = {**params, "blocks": blocks}
-    return quantized_model(params, new_params, report, t0, hooks=act_hooks(act))
+    return dataclasses.replace(result, hooks=act_hooks(act)) if act else result
 
 
 def quantized_model(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import capture
+from harness import capture, structure
 from harness.model import ADAPTERS, Model, ModelConfig, get_param, init_params
 from methods import awq, rtn
 from methods.awq import core
@@ -80,7 +80,7 @@ def test_fold_random_scales_preserves_fp_outputs(mha_params, logits_fn, seed):
         for g in ADAPTERS[MHA.family]:
             d = get_param(bp, g.names[0]).shape[1]
             s = jnp.asarray(np.exp(rng.normal(0.0, 1.0, d)), jnp.float32)
-            bp = awq.fold_scales(bp, g, s)
+            bp = structure.fold_scale(bp, g, s)
         blocks.append(bp)
     toks = _tokens(2, 16)
     ref = logits_fn(mha_params, toks)
@@ -121,7 +121,7 @@ def test_gqa_o_proj_is_not_scaled(gqa_result):
         assert rows[f"blocks.{i}.mlp.down_proj"]["scaled"] is True
     o_group = ADAPTERS[GQA.family][1]
     with pytest.raises(ValueError, match="rows of attn.v_proj"):
-        awq.fold_scales(params["blocks"][0], o_group, jnp.ones((64,), jnp.float32))
+        structure.fold_scale(params["blocks"][0], o_group, jnp.ones((64,), jnp.float32))
 
 
 # ------------------------------------------------------------------------------- the search

@@ -3,80 +3,66 @@
 Block by block (``harness.capture.sequential``), following the repo's LLaMA branch:
 
 1. the inputs of every linear of the full-precision block are captured once;
-2. for each group of linears sharing an input (``harness.model.ADAPTERS``: q/k/v, o, gate/up,
-   down) one scale ``s`` is searched (``core.search_alpha``) on the output of the module the
-   repo inspects: the whole attention for q/k/v, the whole MLP for gate/up, the linear itself
-   for o and down — all searches on the original block;
-3. the scales are folded (``fold_scales``): the group's weight columns ``×= s`` and the
-   preceding RMSNorm weight ``/= s`` (q/k/v, gate/up) or the preceding linear's rows ``/= s``
-   (v_proj rows for o_proj, up_proj rows for down_proj). With grouped-query attention v_proj
-   has fewer rows than o_proj has inputs, so o_proj is not scaled (the repo's
-   ``v_proj.weight.shape == o_proj.weight.shape`` test; its PR #67);
-4. every linear but q/k (repo: "due to qk bmm, it is hard to clip precisely") gets the clipping
-   search on its scaled inputs ``x / s``; then all seven are quantized (min-max, asym INT).
+2. for each group of linears sharing an input (the adapter table, ``harness.structure``: q/k/v,
+   o, gate/up, down) one scale ``s`` is searched (``core.search_alpha``) on the output of the
+   module the repo inspects (``LinearGroup.inspect``, the repo's ``module2inspect``): the whole
+   attention for q/k/v, the whole MLP for gate/up, the linear itself for o and down — all
+   searches on the original block;
+3. the scales are folded (``harness.structure.fold_scale``): the group's weight columns ``×= s``
+   and the preceding RMSNorm weight ``/= s`` (q/k/v, gate/up) or the preceding linear's rows
+   ``/= s`` (v_proj rows for o_proj, up_proj rows for down_proj). With grouped-query attention
+   v_proj has fewer rows than o_proj has inputs, so o_proj is not scaled
+   (``harness.structure.can_fold``; the repo's ``v_proj.weight.shape == o_proj.weight.shape``
+   test, its PR #67);
+4. every linear but those the table marks ``no_clip`` — q/k (repo: "due to qk bmm, it is hard
+   to clip precisely") — gets the clipping search on its scaled inputs ``x / s``; then all
+   seven are quantized (min-max, asym INT).
 
 The next block's inputs are the *full-precision* block's outputs (``propagate="fp"``, as the
-repo, which computes them before scaling) or the quantized block's (``"quantized"``).
-With ``checkpoint_dir`` an interrupted run resumes after its last saved block.
+repo, which computes them before scaling) or the quantized block's (``"quantized"``). The walk
+itself (calibration forward, resume from ``checkpoint_dir``, report, timing) is
+``methods.walk.walk_blocks``.
 """
 
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from harness import capture
+from harness import capture, structure
 from harness import stats as statistics
 from harness.layers import NO_HOOKS
-from harness.model import (
-    ADAPTERS,
-    MLP,
-    Attention,
-    LinearGroup,
-    Model,
-    ModelConfig,
-    get_param,
-    set_param,
-)
-from methods import checkpoint
+from harness.model import MLP, Attention, Model, ModelConfig, get_param, set_param
 from methods.awq import core
 from methods.awq.core import AWQConfig, ScaledQArray, quantize_layer
 from methods.base import Method, QuantizedModel, group_view, register
-from methods.walk import layer_stats, quantized_model
+from methods.walk import layer_stats, walk_blocks
 from numerics.quantize import quantize
 from numerics.sparse import weight_bits
-
-INSPECT = {"attn.q_proj": "attn", "mlp.gate_proj": "mlp"}  # repo's module2inspect (LLaMA)
-NO_CLIP = ("attn.q_proj", "attn.k_proj")
 
 __all__ = [
     "AWQConfig",
     "ScaledQArray",
     "quantize_layer",
     "quantize_model",
-    "fold_scales",
     "search_block_scales",
     "awq_block",
 ]
 
 
-def _rep_layer(cfg: ModelConfig, i: int) -> int:
-    """First block with block ``i``'s attention type (same RoPE / window): one compile for all."""
-    return next(j for j in range(cfg.n_layers) if cfg.layer_type(j) == cfg.layer_type(i))
-
-
 def _apply(kind: str, cfg: ModelConfig, layer: int, sub: Any, x):
+    """The output a scale search measures: ``kind`` is a ``LinearGroup.inspect`` module of the
+    block, or ``"linear"`` (the group's one linear ``sub["w"]``)."""
     if kind == "attn":
         return Attention(cfg, layer, NO_HOOKS, "attn.").apply({"params": sub}, x, None)
     if kind == "mlp":
         return MLP(cfg, layer, NO_HOOKS, "mlp.").apply({"params": sub}, x)
-    return jnp.matmul(x, sub["w"].T, precision=jax.lax.Precision.HIGHEST)
+    if kind == "linear":
+        return jnp.matmul(x, sub["w"].T, precision=jax.lax.Precision.HIGHEST)
+    raise ValueError(f"AWQ: no module {kind!r} to inspect; expected 'attn', 'mlp' or 'linear'")
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "cfg", "layer", "names", "qcfg", "n_grid"))
@@ -112,42 +98,9 @@ def _batches(n: int, batch_size: int) -> int:
     return max(b for b in range(1, min(batch_size, n) + 1) if n % b == 0)
 
 
-def _foldable(bp: Any, group: LinearGroup) -> bool:
-    if group.norm is not None:
-        return True
-    d_in = get_param(bp, group.names[0]).shape[1]
-    return group.prev is not None and get_param(bp, group.prev).shape[0] == d_in
-
-
-def fold_scales(bp: Any, group: LinearGroup, s) -> Any:
-    """Fold ``s`` into block params: columns of the group's linears ``×= s``, the preceding norm
-    ``/= s`` or the preceding linear's rows (and bias) ``/= s``. Full-precision outputs are
-    unchanged (up to float rounding)."""
-    s = jnp.asarray(s, jnp.float32)
-    for n in group.names:
-        W = get_param(bp, n)
-        bp = set_param(bp, n, (W * s[None, :]).astype(W.dtype))
-    if group.norm is not None:
-        w = get_param(bp, group.norm)
-        return set_param(bp, group.norm, (w / s).astype(w.dtype))
-    if group.prev is None:
-        raise ValueError(f"group {group.names} has nothing to fold its scales into")
-    P = get_param(bp, group.prev)
-    if P.shape[0] != s.shape[0]:
-        raise ValueError(
-            f"cannot fold {s.shape[0]} scales into the {P.shape[0]} rows of {group.prev}"
-        )
-    bp = set_param(bp, group.prev, (P / s[:, None]).astype(P.dtype))
-    try:
-        b = get_param(bp, group.prev + "_bias")
-    except KeyError:
-        return bp
-    return set_param(bp, group.prev + "_bias", (b / s).astype(b.dtype))
-
-
 def _inputs(model: Model, i: int, bp, h, batch_size: int) -> dict[str, Any]:
     """Every linear's inputs ``[n, t, d]`` in the block ``bp`` (captured in micro-batches)."""
-    rep = _rep_layer(model.cfg, i)
+    rep = capture.shared_layer(model, i)
     parts = [
         _capture(model, rep, bp, h[s : s + batch_size]) for s in range(0, h.shape[0], batch_size)
     ]
@@ -164,18 +117,18 @@ def search_block_scales(
     out = {}
     n = next(iter(ins.values())).shape[0]
     bs = _batches(n, batch_size)
-    for group in ADAPTERS[model.cfg.family]:
-        if not _foldable(bp, group):
+    for group in structure.groups(model.cfg.family):
+        if not structure.can_fold(bp, group):
             continue
         lead = group.names[0]
-        kind = INSPECT.get(lead, "linear")
-        if kind == "linear":
+        kind = group.inspect or "linear"
+        if group.inspect is None:
             if len(group.names) != 1:
                 raise ValueError(f"no module to inspect for the group {group.names}")
             sub, names = {"w": get_param(bp, lead)}, ("w",)
-        else:
+        else:  # the members' names inside the inspected module
             sub = bp[kind]
-            names = tuple(nm.split(".", 1)[1] for nm in group.names)
+            names = tuple(nm.removeprefix(kind + ".") for nm in group.names)
         x = ins[lead]
         xs = x.reshape((n // bs, bs) + x.shape[1:])
         s, alpha, losses = _search_group(
@@ -184,7 +137,7 @@ def search_block_scales(
             xs,
             kind=kind,
             cfg=model.cfg,
-            layer=_rep_layer(model.cfg, i),
+            layer=capture.shared_layer(model, i),
             names=names,
             qcfg=cfg.quant_config(),
             n_grid=cfg.n_grid,
@@ -197,23 +150,20 @@ def awq_block(
     model: Model, i: int, bp, calib: capture.BlockCalibration, cfg: AWQConfig, batch_size: int = 8
 ) -> tuple[Any, Any, list[dict[str, Any]]]:
     """AWQ on block ``i``: ``(scaled float block, quantized block, report rows)``."""
-    groups = ADAPTERS[model.cfg.family]
-    t = time.perf_counter()
+    groups = structure.groups(model.cfg.family)
     ins = _inputs(model, i, bp, calib.inputs, batch_size)
     s_X = {g.names[0]: layer_stats(calib[g.names[0]]).act_absmean for g in groups}
     found = search_block_scales(model, i, bp, ins, s_X, cfg, batch_size)
     bp_s = bp
     for g in groups:
         if g.names[0] in found:
-            bp_s = fold_scales(bp_s, g, found[g.names[0]]["s"])
-    t_search = time.perf_counter() - t
+            bp_s = structure.fold_scale(bp_s, g, found[g.names[0]]["s"])
     qcfg = cfg.quant_config()
     bp_q, rows = bp_s, []
     for g in groups:
         info = found.get(g.names[0])
         s = info["s"] if info is not None else None
-        for j, name in enumerate(g.names):
-            t = time.perf_counter()
+        for name in g.names:
             W = get_param(bp_s, name)
             row: dict[str, Any] = {"name": f"blocks.{i}.{name}", "scaled": info is not None}
             if info is not None:
@@ -222,7 +172,7 @@ def awq_block(
                     "loss": float(jnp.min(info["losses"])),
                     "loss_rtn": float(info["losses"][0]),
                 }
-            if cfg.clip and name not in NO_CLIP:
+            if cfg.clip and g.clips(name):
                 X = ins[g.names[0]].reshape(-1, W.shape[1]).astype(jnp.float32)
                 X = core.clip_rows(X, cfg.clip_n_tokens)
                 if s is not None:
@@ -242,11 +192,7 @@ def awq_block(
                 W = core.apply_clip(W, m, cfg.group_size)
             qa = quantize(W, qcfg)
             bp_q = set_param(bp_q, name, qa)
-            jax.block_until_ready(qa)
             row["bits"] = weight_bits(qa)
-            row["seconds"] = (
-                time.perf_counter() - t + (t_search if (j == 0 and g is groups[0]) else 0.0)
-            )
             rows.append(row)
     return bp_s, bp_q, rows
 
@@ -258,47 +204,31 @@ def quantize_model(
     cfg: AWQConfig,
     *,
     batch_size: int = 8,
-    progress: bool = False,
-    checkpoint_dir: str | Path | None = None,
-    on_block_done: Callable[[int], None] | None = None,
+    **walk: Any,
 ) -> QuantizedModel:
     """AWQ over every block (module docstring); returns params with QArray linears and the
     scales folded into the norms / preceding linears.
 
-    ``checkpoint_dir``: each finished quantized block is saved there (``methods.checkpoint``)
-    and a rerun with the same inputs resumes after the last saved block; ``on_block_done(i)``
-    is called after block ``i`` is saved."""
-    t0 = time.perf_counter()
+    ``walk`` goes to ``methods.walk.walk_blocks``: ``progress``, ``checkpoint_dir`` (save each
+    finished block, resume after the last saved one), ``on_block_done(i)``."""
     model = Model(model_cfg)
-    ckpt, done, report = checkpoint.resume(
-        checkpoint_dir, params, repr(model_cfg), calib_tokens, repr(cfg), "methods.awq", batch_size
-    )
-    # finished blocks only run forward: the fp block itself when the fp stream propagates
-    forward = {i: params["blocks"][i] if cfg.propagate == "fp" else bq for i, bq in done.items()}
 
-    def on_block(i, bp, calib):
+    def step(i, bp, calib):
         _, bp_q, rows = awq_block(model, i, bp, calib, cfg, batch_size)
-        done[i] = bp_q
-        report.extend(rows)
-        if ckpt is not None:
-            ckpt.save(i, bp_q, rows)
-        if on_block_done is not None:
-            on_block_done(i)
-        # "fp": the unmodified block, whose outputs the repo computes before scaling
-        return bp if cfg.propagate == "fp" else bp_q
+        return bp_q, rows
 
-    new = capture.sequential(
+    return walk_blocks(
         params,
         model_cfg,
         calib_tokens,
-        on_block,
+        step,
+        run_parts=(repr(cfg), "methods.awq"),
         accumulators=statistics.plan(("act_absmean",))[0],
+        # "fp": the unmodified block, whose outputs the repo computes before scaling
+        propagate=cfg.propagate,
         batch_size=batch_size,
-        progress=progress,
-        done_blocks=forward,
+        **walk,
     )
-    new = {**new, "blocks": [done[i] for i in range(model_cfg.n_layers)]}
-    return quantized_model(params, new, report, t0)
 
 
 METHOD = register(

@@ -10,49 +10,34 @@ hidden states are the inputs of the block being trained). For block ``i`` the lo
                                                with ``aug_loss``),
 
 then the block's weights become ``QArray``s of the learned clipping and its outputs on
-``quant_in`` are the next block's ``quant_in`` (``harness.capture.sequential``).
-LET (learnable equivalent transformation) is not implemented here (weight-only). With
-``checkpoint_dir`` an interrupted run resumes after its last saved block (the fp stream is
-recomputed through the full-precision blocks).
+``quant_in`` are the next block's ``quant_in``. The walk (calibration forward, resume from
+``checkpoint_dir``, report, timing) is ``methods.walk.walk_blocks``; a resumed run recomputes
+the fp stream through the full-precision blocks. LET (learnable equivalent transformation) is
+not implemented here (weight-only).
 """
 
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from harness import capture
-from harness.model import (
-    BLOCK_LINEARS,
-    Model,
-    ModelConfig,
-    get_param,
-    set_param,
-)
-from methods import checkpoint
+from harness import capture, structure
+from harness.model import Model, ModelConfig, get_param, set_param
 from methods.base import Method, QuantizedModel, register
 from methods.omniquant import core
 from methods.omniquant.core import OmniQuantConfig, quantize_layer
-from methods.walk import quantized_model
+from methods.walk import walk_blocks
 from numerics.sparse import weight_bits
 
 __all__ = ["OmniQuantConfig", "quantize_layer", "quantize_model", "train_block"]
 
 
-def _rep_layer(cfg: ModelConfig, i: int) -> int:
-    """First block with block ``i``'s attention type (same RoPE / window): one compile for all."""
-    return next(j for j in range(cfg.n_layers) if cfg.layer_type(j) == cfg.layer_type(i))
-
-
 def _fake_block(bp: Any, theta: dict[str, Any], cfg: OmniQuantConfig) -> Any:
-    for n in BLOCK_LINEARS:
+    for n in theta:
         bp = set_param(bp, n, core.lwc_fake_quant(get_param(bp, n), theta[n], cfg))
     return bp
 
@@ -61,7 +46,8 @@ def _fake_block(bp: Any, theta: dict[str, Any], cfg: OmniQuantConfig) -> Any:
 def _train(model: Model, layer: int, cfg: OmniQuantConfig, bp, xq, y, y2):
     """``xq, y, y2`` [steps, bs, t, d] (whole, in-order sequences).
     Returns (theta, history, final loss)."""
-    theta0 = {n: core.lwc_init(get_param(bp, n), cfg) for n in BLOCK_LINEARS}
+    names = structure.block_linears(model.cfg.family)
+    theta0 = {n: core.lwc_init(get_param(bp, n), cfg) for n in names}
 
     def loss(theta, batch):
         x, target, target2 = batch
@@ -100,7 +86,7 @@ def train_block(
     eval_batch: int = 8,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """LWC for block ``i``: returns ``(quantized block, fp block outputs on fp_in, info)``."""
-    rep = _rep_layer(model.cfg, i)
+    rep = capture.shared_layer(model, i)
     y = _outputs(model, rep, bp, fp_in, eval_batch)
     y2 = _outputs(model, rep, bp, quant_in, eval_batch) if cfg.aug_loss else y
     n = quant_in.shape[0]
@@ -112,7 +98,7 @@ def train_block(
 
     theta, history = _train(model, rep, cfg, bp, stack(quant_in), stack(y), stack(y2))
     bq = bp
-    for name in BLOCK_LINEARS:
+    for name in theta:
         bq = set_param(bq, name, core.lwc_quantize(get_param(bp, name), theta[name], cfg))
     return bq, y, {"history": history, "theta": theta}
 
@@ -125,7 +111,7 @@ def _fp_stream(model: Model, params, tokens, upto: int, batch_size: int):
         [embed(params, tokens[s : s + batch_size]) for s in range(0, tokens.shape[0], batch_size)]
     )
     for j in range(upto):
-        h = _outputs(model, _rep_layer(model.cfg, j), params["blocks"][j], h, batch_size)
+        h = _outputs(model, capture.shared_layer(model, j), params["blocks"][j], h, batch_size)
     return h
 
 
@@ -136,31 +122,17 @@ def quantize_model(
     cfg: OmniQuantConfig,
     *,
     batch_size: int = 8,
-    progress: bool = False,
-    checkpoint_dir: str | Path | None = None,
-    on_block_done: Callable[[int], None] | None = None,
+    **walk: Any,
 ) -> QuantizedModel:
     """OmniQuant (LWC, weight-only) over every block; ``batch_size`` is the evaluation micro-batch
     (the training batch is ``cfg.batch_size``).
 
-    ``checkpoint_dir``: each finished quantized block is saved there (``methods.checkpoint``)
-    and a rerun with the same inputs resumes after the last saved block; ``on_block_done(i)``
-    is called after block ``i`` is saved."""
-    t0 = time.perf_counter()
+    ``walk`` goes to ``methods.walk.walk_blocks``: ``progress``, ``checkpoint_dir`` (save each
+    finished block, resume after the last saved one), ``on_block_done(i)``."""
     model = Model(model_cfg)
     state: dict[str, Any] = {}
-    ckpt, done, report = checkpoint.resume(
-        checkpoint_dir,
-        params,
-        repr(model_cfg),
-        calib_tokens,
-        repr(cfg),
-        "methods.omniquant",
-        batch_size,
-    )
 
-    def on_block(i, bp, calib):
-        t = time.perf_counter()
+    def step(i, bp, calib):
         if "fp" not in state:  # block 0: both streams start at the embeddings
             state["fp"] = (
                 calib.inputs if i == 0 else _fp_stream(model, params, calib_tokens, i, batch_size)
@@ -170,41 +142,32 @@ def quantize_model(
         )
         state["fp"] = y
         hist = np.asarray(info["history"])
-        secs = (time.perf_counter() - t) / len(BLOCK_LINEARS)
         rows = []
-        for name in BLOCK_LINEARS:
-            gamma = jax.nn.sigmoid(info["theta"][name]["gamma"])
-            beta = jax.nn.sigmoid(info["theta"][name]["beta"])
+        for name in structure.block_linears(model_cfg.family):  # the report's order
+            theta = info["theta"][name]
             rows.append(
                 {
                     "name": f"blocks.{i}.{name}",
                     "bits": weight_bits(get_param(bq, name)),
-                    "seconds": secs,
                     "loss_first_epoch": float(hist[0]),
                     "loss_last_epoch": float(hist[-1]),
-                    "gamma_mean": float(jnp.mean(gamma)),
-                    "beta_mean": float(jnp.mean(beta)),
+                    "gamma_mean": float(jnp.mean(jax.nn.sigmoid(theta["gamma"]))),
+                    "beta_mean": float(jnp.mean(jax.nn.sigmoid(theta["beta"]))),
                 }
             )
-        report.extend(rows)
-        if ckpt is not None:
-            ckpt.save(i, bq, rows)
-        if on_block_done is not None:
-            on_block_done(i)
-        return bq
+        return bq, rows
 
-    new = capture.sequential(
+    return walk_blocks(
         params,
         model_cfg,
         calib_tokens,
-        on_block,
-        accumulators={},
+        step,
+        run_parts=(repr(cfg), "methods.omniquant"),
+        accumulators={},  # the block's inputs (calib.inputs) only, no statistics
         names=(),
         batch_size=batch_size,
-        progress=progress,
-        done_blocks=done,
+        **walk,
     )
-    return quantized_model(params, new, report, t0)
 
 
 METHOD = register(
