@@ -259,4 +259,3 @@ def check_solved(x: Array, *, who: str, percdamp: float) -> None:
             f"(λ = percdamp·mean diag H, percdamp={percdamp:g}); the inverse-Hessian factor is "
             "NaN — raise percdamp"
         )
-

@@ -59,11 +59,12 @@ from jaxtyping import Array, Float, UInt8
 
 from methods.base import LayerResult, LayerStats, check_bits, check_group, check_groups
 from numerics import granularity as G
-from numerics import second_order as so
 from numerics import ranges
+from numerics import second_order as so
 from numerics.config import QuantConfig, rtn
 from numerics.qarray import QArray
 from numerics.quantize import check_input
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GPTQConfig:
