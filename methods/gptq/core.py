@@ -16,12 +16,25 @@ in its Cholesky form, Step 3 of §4):
 
 Lazy batch updates (Step 2): inside a block of ``block_size`` columns the updates are applied
 column by column to the block only; the rest of ``W`` receives them once per block as a matrix
-product ``E · U[block, rest]``. Implementation (all compiled, ``cfg`` static): a ``lax.scan``
-over blocks whose body runs a ``lax.fori_loop`` over the block's columns.
+product ``E · U[block, rest]``. The factor and the loop are the shared engine
+``numerics.second_order`` (``inverse_hessian_factor``, ``obs_loop``; SpQR is its other
+configuration); GPTQ supplies the quantizer: a ``step`` that rounds one column on its group's
+grid, and a ``choose`` that fits a group's scale / zero point at its first column. All compiled
+(``cfg`` static): a ``lax.scan`` over blocks, ``lax.fori_loop`` over groups and columns.
+
+Degenerate calibration (``quantize_layer``, the checked entry; the jitted ``gptq`` is
+unchecked): a non-finite ``H``, an all-zero one (every input dead — the reference would return
+an all-zero weight) and one that is not PSD (``numerics.second_order.check_hessian``) raise
+``ValueError``, and so does a NaN loss (``H + λI`` without a float32 Cholesky factor: raise
+``percdamp``); partly dead inputs take the reference's fallback below and are counted in
+``info["dead_inputs"]`` (a column of the walk's per-linear report).
 
 Details as in the reference:
 
-* dead inputs (``diag H = 0``): ``H_jj := 1`` and ``W[:, j] := 0``;
+* dead inputs (``diag H = 0``): ``H_jj := 1`` and ``W[:, j] := 0`` — harmless for an input
+  that is truly zero; keeping the weights instead (the column is decoupled, so it would simply
+  be rounded) would change its group's range and so the reference's numbers; the real SmolLM2
+  layers have no dead inputs;
 * ``act_order`` ("desc_act"): columns are processed by decreasing ``diag H`` and un-permuted at
   the end (the QArray is in the original column order);
 * groups: without act-order, a group's scale/zero point are chosen when its first column is
@@ -36,6 +49,12 @@ Details as in the reference:
   shorter last group, as the reference's ``W[:, i:i+groupsize]`` slice does at the last columns.
 
 Differences from the reference, on purpose:
+
+* ``H⁻¹`` is symmetrised, ``(H⁻¹ + H⁻ᵀ)/2``, before its Cholesky factor (the engine's choice
+  for GPTQ and SpQR alike; the reference's ``torch.linalg.cholesky`` reads one triangle).
+  ``jnp.linalg.cholesky`` already symmetrised its input by default, so GPTQ's codes did not
+  change when the engine made the choice explicit (0 of all codes on the tests' layers and
+  on SmolLM2's block-0 linears);
 
 * the grid is lowbit's (``numerics.config.rtn``, the same as the RTN baseline): asymmetric
   ``uint{b}`` with integer zero point — identical to the reference's, with the scale rounded to

@@ -54,9 +54,18 @@ Differences from the reference, on purpose (each keeps the stored format exact):
 * ``block`` is shrunk to the largest multiple of ``β₁`` that divides ``n`` (the repo allows a
   ragged last block; the block size does not change the result, only the schedule).
 
-Everything from step 1 to the final codes is one compiled function (``spqr_quantize``:
-``lax.fori_loop`` over blocks, over the groups of a block, over a group's columns); only the
-final extraction of the outliers (their count is data-dependent) runs eagerly.
+Everything from step 1 to the final codes is one compiled function (``spqr_quantize``): the
+factor and the lazy-batch column loop are the shared engine ``numerics.second_order``
+(``inverse_hessian_factor`` with symmetrised ``H⁻¹``, ``obs_loop``; GPTQ is its other
+configuration) — a ``lax.scan`` over blocks, ``lax.fori_loop`` over the β₁-groups of a block
+(``choose``: steps 2–3) and over a group's columns (``step``: step 4). Only the final
+extraction of the outliers (their count is data-dependent) runs eagerly.
+
+Degenerate calibration (``quantize_layer``; ``spqr_quantize`` is unchecked): a non-finite,
+all-zero (every input dead) or non-PSD ``H`` raises ``ValueError``
+(``numerics.second_order.check_hessian``), so does a non-finite result (no float32 Cholesky
+factor of ``H + λI``); partly dead inputs take step 1's fallback (the reference's: zero
+weights, harmless for a truly dead input) and are counted in ``info["dead_inputs"]``.
 """
 
 from __future__ import annotations
