@@ -52,10 +52,10 @@ Differences from the reference, on purpose:
 
 * ``H⁻¹`` is symmetrised, ``(H⁻¹ + H⁻ᵀ)/2``, before its Cholesky factor (the engine's choice
   for GPTQ and SpQR alike; the reference's ``torch.linalg.cholesky`` reads one triangle).
-  ``jnp.linalg.cholesky`` already symmetrised its input by default, so GPTQ's codes did not
-  change when the engine made the choice explicit (0 of all codes on the tests' layers and
-  on SmolLM2's block-0 linears);
-
+  ``jnp.linalg.cholesky`` already symmetrised its input by default, so the codes did not
+  change when the engine made the choice explicit. Against one triangle (``symmetrize=False``)
+  ``U`` differs by ≤ 3.5e-6 relative and no code changes on the tests' layers or SmolLM2's
+  block-0 linears (8 × 512 C4 tokens; ‖WX − ŴX‖ equal to 7 digits);
 * the grid is lowbit's (``numerics.config.rtn``, the same as the RTN baseline): asymmetric
   ``uint{b}`` with integer zero point — identical to the reference's, with the scale rounded to
   float16 first so that dequantization reproduces GPTQ's ``Q`` exactly; *symmetric* is the
