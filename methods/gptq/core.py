@@ -206,12 +206,13 @@ def gptq(
     S0 = jnp.pad(S0, ((0, 0), (0, m - n)), constant_values=1.0)
     Z0 = jnp.pad(Z0, ((0, 0), (0, m - n)))
 
-    # The quantizer state is the per-column (scale, zero) [out, m]; dynamic groups fill it in
-    # when a group's first column is reached, from the lazily updated W (the reference's
-    # ``W[:, i:i+g]``, which lacks the current block's updates).
+    # The quantizer state is the per-column (scale, zero), stored column-major [m, out] so that
+    # a column's parameters are contiguous; dynamic groups fill it in when a group's first
+    # column is reached, from the lazily updated W (the reference's ``W[:, i:i+g]``, which
+    # lacks the current block's updates).
     def step(w, j, d, st):
-        s = jax.lax.dynamic_index_in_dim(st[0], j, axis=1, keepdims=False)
-        z = jax.lax.dynamic_index_in_dim(st[1], j, axis=1, keepdims=False)
+        s = jax.lax.dynamic_index_in_dim(st[0], j, axis=0, keepdims=False)
+        z = jax.lax.dynamic_index_in_dim(st[1], j, axis=0, keepdims=False)
         code, q = _round(w[:, 0], s, z, how)
         return q[:, None], code[:, None]
 
@@ -223,12 +224,12 @@ def gptq(
             return s[:, 0], z[:, 0]
 
         def keep(_):  # g > B and the group began in an earlier block
-            col = lambda A: jax.lax.dynamic_index_in_dim(A, j0 - 1, axis=1, keepdims=False)
+            col = lambda A: jax.lax.dynamic_index_in_dim(A, j0 - 1, axis=0, keepdims=False)
             return col(st[0]), col(st[1])
 
         s, z = fresh(None) if g <= B else jax.lax.cond(j0 % g == 0, fresh, keep, None)
-        rep = lambda v: jnp.broadcast_to(v[:, None], (rows, c))
-        put = lambda A, v: jax.lax.dynamic_update_slice_in_dim(A, rep(v), j0, axis=1)
+        rep = lambda v: jnp.broadcast_to(v[None, :], (c, rows))
+        put = lambda A, v: jax.lax.dynamic_update_slice_in_dim(A, rep(v), j0, axis=0)
         return put(st[0], s), put(st[1], z)
 
     r = so.obs_loop(
@@ -238,10 +239,10 @@ def gptq(
         block_size=B,
         group=None if static else c,
         choose=None if static else choose,
-        state=(S0, Z0),
+        state=(S0.T, Z0.T),
     )
     inv = jnp.argsort(perm)
-    C, S, Z = (A[:, :n][:, inv] for A in (r.out, *r.state))
+    C, S, Z = (A[:, :n][:, inv] for A in (r.out, r.state[0].T, r.state[1].T))
     return C, S[:, ::g], Z[:, ::g], jnp.sum(r.err) / 2
 
 
