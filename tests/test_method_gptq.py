@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from methods.base import LayerStats, get_method
 from methods.gptq import GPTQConfig, gptq, quantize_layer
 from methods.gptq.core import inverse_hessian_factor
+from numerics import second_order as so
 from numerics.quantize import quantize
 
 # ------------------------------------------------------------------------------ the oracle
@@ -179,6 +180,33 @@ def test_dead_inputs_give_zero_weights():
     Wq = np.asarray(qa.dequantize())
     assert np.all(np.isfinite(Wq))
     np.testing.assert_array_equal(Wq[:, [3, 77, 200]], 0.0)
+    res = quantize_layer(jnp.asarray(W), LayerStats(H=jnp.asarray(H)), GPTQConfig(bits=3))
+    assert res.info["dead_inputs"] == 3  # the reference's fallback, counted
+
+
+def with_eigenvalue(H, lam):
+    """``H`` with its smallest eigenvalue moved to ``lam`` (same eigenvector)."""
+    mu, V = np.linalg.eigh(np.asarray(H, np.float64))
+    return (H + (lam - mu[0]) * np.outer(V[:, 0], V[:, 0])).astype(np.float32)
+
+
+def test_degenerate_calibration_is_an_error():
+    """Issue 21 item 5: H = 0 used to give an all-zero weight silently, a non-PSD H a NaN loss."""
+    W, H, _ = layer(n=64, rows=16, dead=())
+    cfg = GPTQConfig(bits=4, group_size=32)
+    run = lambda H, cfg=cfg: quantize_layer(jnp.asarray(W), LayerStats(H=jnp.asarray(H)), cfg)
+    with pytest.raises(ValueError, match="calibration inputs of this layer are all zero"):
+        run(np.zeros_like(H))
+    tr = float(np.trace(H))
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        run(with_eigenvalue(H, -0.05 * tr))
+    # a negative eigenvalue too small to be called non-PSD but beyond a tiny damping: NaN factor
+    mild = with_eigenvalue(H, -0.5 * so.PSD_RTOL * tr)
+    with pytest.raises(ValueError, match="even after damping"):
+        run(mild, GPTQConfig(bits=4, group_size=32, percdamp=1e-6))
+    # … which the default damping (λ = 0.01 · mean diag H > its size here) absorbs
+    assert np.all(np.isfinite(np.asarray(run(mild).weight.dequantize())))
+    assert run(H).info["dead_inputs"] == 0
 
 
 def test_inverse_hessian_factor():

@@ -255,6 +255,24 @@ def test_bad_input_rejected():
         SpQRConfig(beta2=1)
 
 
+def test_degenerate_calibration():
+    """Issue 21 item 5: an all-zero H (every input dead) used to give an all-zero weight, and a
+    non-PSD H whose negative eigenvalue the large damping (λ = mean diag H) hides went through
+    silently; partly dead inputs are zeroed and counted."""
+    W, _, H = _layer()
+    with pytest.raises(ValueError, match="calibration inputs of this layer are all zero"):
+        quantize_layer(W, LayerStats(H=jnp.zeros_like(H)), SpQRConfig())
+    mu, V = np.linalg.eigh(np.asarray(H, np.float64))
+    bad = np.asarray(H) - (mu[0] + 0.05 * np.trace(np.asarray(H))) * np.outer(V[:, 0], V[:, 0])
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        quantize_layer(W, LayerStats(H=jnp.asarray(bad, jnp.float32)), SpQRConfig())
+    dead = H.at[:, [3, 50]].set(0.0).at[[3, 50], :].set(0.0)
+    res = quantize_layer(W, LayerStats(H=dead), SpQRConfig())
+    assert res.info["dead_inputs"] == 2
+    np.testing.assert_array_equal(np.asarray(res.weight.dequantize())[:, [3, 50]], 0.0)
+    assert quantize_layer(W, LayerStats(H=H), SpQRConfig()).info["dead_inputs"] == 0
+
+
 # ----------------------------------------------------------------------------- model walk
 
 
@@ -268,6 +286,7 @@ def test_quantize_model_on_a_tiny_model():
     qm = quantize_model(params, cfg, tokens, SpQRConfig())
     assert len(qm.report) == 7
     assert all(r["bits"] >= 3.5 for r in qm.report)
+    assert all(r["dead_inputs"] == 0 for r in qm.report)  # the count reaches the walk's report
     assert qm.bits_per_weight == pytest.approx(np.mean([r["bits"] for r in qm.report]))
     logits = Model(cfg).forward(qm.params, tokens)
     assert bool(jnp.all(jnp.isfinite(logits)))

@@ -54,9 +54,18 @@ Differences from the reference, on purpose (each keeps the stored format exact):
 * ``block`` is shrunk to the largest multiple of ``β₁`` that divides ``n`` (the repo allows a
   ragged last block; the block size does not change the result, only the schedule).
 
-Everything from step 1 to the final codes is one compiled function (``spqr_quantize``:
-``lax.fori_loop`` over blocks, over the groups of a block, over a group's columns); only the
-final extraction of the outliers (their count is data-dependent) runs eagerly.
+Everything from step 1 to the final codes is one compiled function (``spqr_quantize``): the
+factor and the lazy-batch column loop are the shared engine ``numerics.second_order``
+(``inverse_hessian_factor`` with symmetrised ``H⁻¹``, ``obs_loop``; GPTQ is its other
+configuration) — a ``lax.scan`` over blocks, ``lax.fori_loop`` over the β₁-groups of a block
+(``choose``: steps 2–3) and over a group's columns (``step``: step 4). Only the final
+extraction of the outliers (their count is data-dependent) runs eagerly.
+
+Degenerate calibration (``quantize_layer``; ``spqr_quantize`` is unchecked): a non-finite,
+all-zero (every input dead) or non-PSD ``H`` raises ``ValueError``
+(``numerics.second_order.check_hessian``), so does a non-finite result (no float32 Cholesky
+factor of ``H + λI``); partly dead inputs take step 1's fallback (the reference's: zero
+weights, harmless for a truly dead input) and are counted in ``info["dead_inputs"]``.
 """
 
 from __future__ import annotations
@@ -72,6 +81,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, UInt8
 
 from methods.base import LayerResult, LayerStats, check_bits
+from numerics import second_order as so
 from numerics.formats import IntFormat, codebook_format
 from numerics.qarray import QArray
 from numerics.sparse import DenseSparse, split_outliers, weight_bits
@@ -79,7 +89,6 @@ from numerics.sparse import DenseSparse, split_outliers, weight_bits
 EAGER_ONLY = (
     "the number of outliers is data-dependent; jit_inner (spqr_quantize) is the traced part"
 )
-_HI = jax.lax.Precision.HIGHEST
 _EPS = 1e-9  # smallest scale divided by (the repo's ``scale.clamp_min(eps)``)
 
 
@@ -184,19 +193,6 @@ def _second_level(s: Float[Array, " m"], beta2: int, bits: int):
 # ----------------------------------------------------------------------------- core
 
 
-def _inverse_hessian_factor(H, W, percdamp):
-    """Damped, dead-column-fixed ``U = chol(H⁻¹)ᵀ`` and ``W`` with dead columns zeroed."""
-    n = H.shape[0]
-    dead = jnp.diag(H) == 0
-    H = jnp.where(jnp.diag(dead), 1.0, H)  # H_jj := 1 on dead inputs (off-diagonals are 0)
-    W = jnp.where(dead[None, :], 0.0, W)
-    H = H + jnp.float32(percdamp) * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=jnp.float32)
-    L = jnp.linalg.cholesky(H)
-    Hinv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(n, dtype=jnp.float32))
-    Hinv = (Hinv + Hinv.T) / 2
-    return jnp.linalg.cholesky(Hinv).T, W
-
-
 def _block_size(n: int, cfg: SpQRConfig) -> int:
     """Largest multiple of β₁ that divides n and is at most ``cfg.block``."""
     return max(b for b in range(cfg.beta1, min(cfg.block, n) + 1, cfg.beta1) if n % b == 0)
@@ -204,79 +200,47 @@ def _block_size(n: int, cfg: SpQRConfig) -> int:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def spqr_quantize(W: Float[Array, "m n"], H: Float[Array, "n n"], cfg: SpQRConfig) -> SpQRCodes:
-    """The compiled SpQR column loop (Algorithm 1) — see the module docstring."""
+    """The compiled SpQR column loop (Algorithm 1) — see the module docstring. Unchecked: an
+    all-zero, non-finite or indefinite ``H`` is caught by :func:`quantize_layer`, not here."""
     m, n = W.shape
     maxq, b1 = 2**cfg.bits - 1, cfg.beta1
-    B = _block_size(n, cfg)
     W = W.astype(jnp.float32)
-    U, W = _inverse_hessian_factor(H.astype(jnp.float32), W, cfg.percdamp)
+    H, dead = so.fix_dead(H.astype(jnp.float32))
+    W = jnp.where(dead[None, :], 0.0, W)
+    U = so.inverse_hessian_factor(H, cfg.percdamp)
     dU = jnp.diag(U)
     if cfg.outliers:  # τ_abs = τ · mean_j var(W_:j) / U_jj²  (torch var: ddof = 1)
         tau = cfg.outlier_threshold * jnp.mean(jnp.var(W, axis=0, ddof=1) / jnp.square(dU))
     else:
         tau = jnp.float32(jnp.inf)
 
-    def block(bi, carry):
-        W, codes, outl, st, err = carry
-        b0 = bi * B
-        Wb = jax.lax.dynamic_slice_in_dim(W, b0, B, axis=1)
-        Urow = jax.lax.dynamic_slice_in_dim(U, b0, B, axis=0)  # U[block, :]
-        Ub = jax.lax.dynamic_slice_in_dim(Urow, b0, B, axis=1)  # U[block, block]
+    def choose(Wg, Wc, j0, st):
+        """Step 3: the statistics of the β₁-group at ``j0`` from its current weights ``Wg``."""
+        del Wc  # SpQR reads the group with the current block's updates applied
+        g = j0 // b1
+        if cfg.outliers and not cfg.simplified_outliers:  # fit without the likely outliers
+            likely = _loo_drop(Wg, jax.lax.dynamic_slice_in_dim(dU, j0, b1), maxq) > tau
+            keep = (~likely).astype(jnp.float32)
+            mean = jnp.sum(Wg * keep, axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1.0)
+            Wg = jnp.where(likely, mean[:, None], Wg)
+        s, z = _fit(Wg, maxq)
+        sc, s2, z2, s_hat = _second_level(s, cfg.beta2, cfg.scale_bits)
+        return {
+            "zero": st["zero"].at[:, g].set(z),
+            "scale_codes": st["scale_codes"].at[:, g].set(sc),
+            "scale_scale": st["scale_scale"].at[:, g].set(s2),
+            "scale_zero": st["scale_zero"].at[:, g].set(z2),
+            "s_hat": s_hat,  # the current group's quantized scale and zero, for ``step``
+            "z": z,
+        }
 
-        def group(gi, c):
-            Wb, E, Q, O, st = c
-            g = b0 // b1 + gi  # global group index
-            Wg = jax.lax.dynamic_slice_in_dim(Wb, gi * b1, b1, axis=1)
-            if cfg.outliers and not cfg.simplified_outliers:  # fit without the likely outliers
-                d = jax.lax.dynamic_slice_in_dim(jnp.diag(Ub), gi * b1, b1)
-                likely = _loo_drop(Wg, d, maxq) > tau
-                keep = (~likely).astype(jnp.float32)
-                mean = jnp.sum(Wg * keep, axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1.0)
-                Wg = jnp.where(likely, mean[:, None], Wg)
-            s, z = _fit(Wg, maxq)
-            sc, s2, z2, s_hat = _second_level(s, cfg.beta2, cfg.scale_bits)
-            st = {
-                "zero": st["zero"].at[:, g].set(z),
-                "scale_codes": st["scale_codes"].at[:, g].set(sc),
-                "scale_scale": st["scale_scale"].at[:, g].set(s2),
-                "scale_zero": st["scale_zero"].at[:, g].set(z2),
-            }
-
-            def column(k, cc):
-                Wb, E, Q, O = cc
-                j = gi * b1 + k  # column inside the block
-                w = jax.lax.dynamic_index_in_dim(Wb, j, axis=1, keepdims=False)
-                u = jax.lax.dynamic_index_in_dim(Ub, j, axis=0, keepdims=False)  # U[j, block]
-                q, deq = _qdq(w, s_hat, z, maxq)
-                out = jnp.square((w - deq) / u[j]) > tau  # sensitivity (w − q)²/[H⁻¹]_jj
-                deq = jnp.where(out, w.astype(jnp.float16).astype(jnp.float32), deq)
-                e = (w - deq) / u[j]
-                Wb = Wb - e[:, None] * jnp.where(jnp.arange(B) > j, u, 0.0)[None, :]  # OBS
-                Wb = Wb.at[:, j].set(deq)
-                return (
-                    Wb,
-                    E.at[:, j].set(e),
-                    Q.at[:, j].set(q.astype(jnp.uint8)),
-                    O.at[:, j].set(out),
-                )
-
-            Wb, E, Q, O = jax.lax.fori_loop(0, b1, column, (Wb, E, Q, O))
-            return Wb, E, Q, O, st
-
-        init = (
-            Wb,
-            jnp.zeros((m, B), jnp.float32),
-            jnp.zeros((m, B), jnp.uint8),
-            jnp.zeros((m, B), bool),
-            st,
-        )
-        Wb, E, Q, O, st = jax.lax.fori_loop(0, B // b1, group, init)
-        later = (jnp.arange(n) >= b0 + B)[None, :]
-        W = W - jnp.where(later, jnp.matmul(E, Urow, precision=_HI), 0.0)  # lazy batch update
-        W = jax.lax.dynamic_update_slice_in_dim(W, Wb, b0, axis=1)
-        codes = jax.lax.dynamic_update_slice_in_dim(codes, Q, b0, axis=1)
-        outl = jax.lax.dynamic_update_slice_in_dim(outl, O, b0, axis=1)
-        return W, codes, outl, st, err + jnp.sum(jnp.square(E), axis=1)
+    def step(w, j, d, st):
+        """Step 4: round column ``j``; keep it in fp16 where its sensitivity exceeds τ_abs."""
+        del j
+        q, deq = _qdq(w[:, 0], st["s_hat"], st["z"], maxq)
+        out = jnp.square((w[:, 0] - deq) / d[0]) > tau  # sensitivity (w − q)²/[H⁻¹]_jj
+        deq = jnp.where(out, w[:, 0].astype(jnp.float16).astype(jnp.float32), deq)
+        return deq[:, None], {"codes": q.astype(jnp.uint8)[:, None], "outlier": out[:, None]}
 
     G = n // b1
     st0 = {
@@ -284,17 +248,21 @@ def spqr_quantize(W: Float[Array, "m n"], H: Float[Array, "n n"], cfg: SpQRConfi
         "scale_codes": jnp.zeros((m, G), jnp.uint8),
         "scale_scale": jnp.zeros((m // cfg.beta2, G), jnp.float16),
         "scale_zero": jnp.zeros((m // cfg.beta2, G), jnp.float16),
+        "s_hat": jnp.ones((m,), jnp.float32),
+        "z": jnp.zeros((m,), jnp.float32),
     }
-    init = (
-        W,
-        jnp.zeros((m, n), jnp.uint8),
-        jnp.zeros((m, n), bool),
-        st0,
-        jnp.zeros((m,), jnp.float32),
-    )
-    W, codes, outl, st, err = jax.lax.fori_loop(0, n // B, block, init)
+    r = so.obs_loop(W, U, step, block_size=_block_size(n, cfg), group=b1, choose=choose, state=st0)
+    st = r.state
     return SpQRCodes(
-        W, codes, st["zero"], st["scale_codes"], st["scale_scale"], st["scale_zero"], outl, err, tau
+        r.W,
+        r.out["codes"],
+        st["zero"],
+        st["scale_codes"],
+        st["scale_scale"],
+        st["scale_zero"],
+        r.out["outlier"],
+        r.err,
+        tau,
     )
 
 
@@ -348,9 +316,9 @@ def _check(W, stats: LayerStats, cfg: SpQRConfig):
     H = jnp.asarray(stats.H)
     if H.shape != (n, n):
         raise ValueError(f"SpQR: H has shape {H.shape}, expected ({n}, {n})")
-    if not jnp.issubdtype(H.dtype, jnp.floating) or not bool(jnp.all(jnp.isfinite(H))):
-        raise ValueError("SpQR: H must be a finite float matrix")
-    return W, H
+    if not jnp.issubdtype(H.dtype, jnp.floating):
+        raise ValueError(f"SpQR: H must be a finite float matrix, got dtype {H.dtype}")
+    return W, H, so.check_hessian(H, who="SpQR")
 
 
 def jit_inner(W: Float[Array, "m n"], stats: LayerStats, cfg: SpQRConfig, *, key=None) -> SpQRCodes:
@@ -364,12 +332,15 @@ def quantize_layer(
 ) -> LayerResult:
     """SpQR of one linear: a ``DenseSparse`` (a ``QArray`` when ``outlier_threshold`` is inf).
 
+    The checked entry: a non-finite ``H``, all-dead inputs (an all-zero calibration) or an
+    ``H`` that is not PSD raise ``ValueError`` (``numerics.second_order.check_hessian``), and
+    so does a non-finite result (``H + λI`` without a float32 Cholesky factor). Partly dead
+    inputs are zeroed (the reference's fallback) and counted in ``info["dead_inputs"]``.
     ``key`` is unused (SpQR is deterministic)."""
     del key
-    W, H = _check(W, stats, cfg)
+    W, H, dead = _check(W, stats, cfg)
     r = spqr_quantize(W, H, cfg)
-    if not bool(jnp.all(jnp.isfinite(r.W_hat))):
-        raise ValueError("SpQR: H is not positive definite even after damping (raise percdamp)")
+    so.check_solved(r.W_hat, who="SpQR", percdamp=cfg.percdamp)
     dense = to_qarray(r, cfg, W.dtype)
     if cfg.outliers:
         rows, cols, vals = split_outliers(r.W_hat, r.outlier)
@@ -383,5 +354,6 @@ def quantize_layer(
         "bits": weight_bits(weight),
         "obs_err": float(jnp.sum(r.err)),
         "tau": float(r.tau),
+        "dead_inputs": dead,
     }
     return LayerResult(weight, info)
