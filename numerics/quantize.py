@@ -8,8 +8,11 @@ Steps: validate → block view (``numerics.granularity``) → per-block scale / 
 ``QArray``. Pure and jit-able (``cfg`` is static).
 
 Bad input: integer or empty arrays raise ``TypeError``/``ValueError``. NaN/Inf raise
-``ValueError`` when ``x`` is concrete; under ``jit`` (values unknown at trace time) the
-block that holds them gets a NaN scale, so it dequantizes to NaN instead of to garbage.
+``ValueError`` when ``x`` is concrete; under ``jit`` (values unknown at trace time) every block
+that holds one gets a NaN scale (an explicit ``isfinite`` test per block, for every range and
+shape), so that whole block dequantizes to NaN instead of to garbage and every other block is
+unchanged. (The range's own max/min cannot be trusted to carry a NaN: XLA's vectorized CPU
+max-reduction drops it on shapes beyond a few rows.)
 """
 
 from __future__ import annotations
@@ -84,9 +87,12 @@ def _quantize(x: Array, how: QuantConfig, bs: tuple[int, ...], key: Array | None
     fmt = how.fmt
     xb = G.to_blocks(x.astype(jnp.float32), bs)
     s, z = ranges.choose_params(xb, how)
-    if how.range in ("percentile", "mse"):  # other ranges propagate NaN/Inf into s already
-        finite = jnp.all(jnp.isfinite(xb), axis=G.block_axes(x.ndim))
-        s = jnp.where(finite, s, jnp.nan)
+    # Poison the scale of every block that holds NaN/Inf, for every range. Do not rely on the
+    # range's max/min to carry a NaN: XLA's CPU max-reduction drops NaN once it vectorizes
+    # (e.g. 64 x 256, not 2 x 16), so s would come out finite and the block would decode to
+    # garbage. Finite blocks keep their scale bit for bit (``where(True, s, nan) == s``).
+    finite = jnp.all(jnp.isfinite(xb), axis=G.block_axes(x.ndim))
+    s = jnp.where(finite, s, jnp.nan)
 
     y = ranges.safe_div(xb, G.expand_stat(s))
     if how.rounding == "stochastic":
