@@ -11,6 +11,10 @@ Where the data comes from (first that applies):
 Every local file is checked against the sha256 in ``FILES`` (copied from that folder's
 ``SHA256SUMS``) before it is read. A missing file raises ``DataFileMissingError`` naming the
 file, where to put it and where it comes from; a wrong checksum raises ``DataChecksumError``.
+Verification is by content on every load, with no cache: a loader reads the file's bytes once
+(``data_bytes``), hashes exactly those bytes and parses them, so neither a file changed with its
+size and mtime put back nor one changed between the check and the read can slip through. The
+cost is one sha256 per load (the largest file is 2.7 MB: a few ms), small next to parsing.
 
 Text preparation for perplexity (GPTQ, arXiv:2210.17323, ``datautils.py`` of IST-DASLab/gptq):
 
@@ -50,8 +54,9 @@ from typing import Any
 
 __all__ = [
     "ENV_VAR", "FILES", "DataFile", "DataFileMissingError", "DataChecksumError",
-    "resolve_data_dir", "data_file", "wikitext2_text", "ptb_text", "c4_documents", "c4_text",
-    "perplexity_text", "PERPLEXITY_CORPORA", "TASK_NAMES", "load_task_docs", "hellaswag_preprocess",
+    "resolve_data_dir", "data_file", "data_bytes", "wikitext2_text", "ptb_text", "c4_documents",
+    "c4_text", "perplexity_text", "PERPLEXITY_CORPORA", "TASK_NAMES", "load_task_docs",
+    "hellaswag_preprocess",
 ]
 
 ENV_VAR = "LOWBIT_DATA_DIR"
@@ -136,19 +141,7 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
     return _DEFAULT_DIR if _DEFAULT_DIR.is_dir() else None
 
 
-_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256 already checked
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def data_file(name: str, data_dir: str | Path | None = None) -> Path:
-    """Path of the local file ``name`` (a key of ``FILES``), after checking its sha256."""
+def _local_path(name: str, data_dir: str | Path | None) -> Path:
     if name not in FILES:
         raise KeyError(f"unknown data file {name!r}; known: {sorted(FILES)}")
     spec = FILES[name]
@@ -164,27 +157,48 @@ def data_file(name: str, data_dir: str | Path | None = None) -> Path:
             f"{spec.what}, copied byte for byte from {spec.origin} (sha256 {spec.sha256}). "
             f"Or point {ENV_VAR} / data_dir= at a folder that has it."
         )
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if _verified.get(key) != spec.sha256:
-        got = _sha256(path)
-        if got != spec.sha256:
-            raise DataChecksumError(
-                f"{path}: sha256 {got} does not match the expected {spec.sha256} for {name} "
-                f"({spec.what}); the file is corrupt, truncated or another version — copy it "
-                f"again from {spec.origin}"
-            )
-        _verified[key] = got
     return path
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def data_bytes(name: str, data_dir: str | Path | None = None) -> bytes:
+    """The bytes of the local file ``name`` (a key of ``FILES``), read once and checked against
+    its sha256: what is returned is exactly what was hashed."""
+    path = _local_path(name, data_dir)
+    raw = path.read_bytes()
+    got = hashlib.sha256(raw).hexdigest()
+    spec = FILES[name]
+    if got != spec.sha256:
+        raise DataChecksumError(
+            f"{path}: sha256 {got} does not match the expected {spec.sha256} for {name} "
+            f"({spec.what}); the file is corrupt, truncated or another version — copy it "
+            f"again from {spec.origin}"
+        )
+    return raw
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+def data_file(name: str, data_dir: str | Path | None = None) -> Path:
+    """Path of the local file ``name`` (a key of ``FILES``), after checking its sha256 (hashed
+    on every call; a caller that reads the file later should use :func:`data_bytes`)."""
+    data_bytes(name, data_dir)
+    return _local_path(name, data_dir)
+
+
+def _text(raw: bytes, name: str) -> str:
+    """UTF-8 text with universal newlines (CRLF and lone CR -> LF), as text-mode ``open``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataChecksumError(f"{name}: not UTF-8 text ({e})") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _jsonl(name: str, root: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _text(data_bytes(name, root), name).split("\n")
+            if line.strip()]
+
+
+def _lines(name: str, root: Path) -> list[str]:
+    return _text(data_bytes(name, root), name).split("\n")
 
 
 # --- the one function that may use the network ----------------------------------------------
@@ -229,7 +243,7 @@ def wikitext2_text(data_dir: str | Path | None = None) -> str:
     root = resolve_data_dir(data_dir)
     if root is None:
         return "\n\n".join(r["text"] for r in _load_from_hub("wikitext2"))
-    rows = [r for r in _lines(data_file("wikitext-2-raw/wiki.test.raw", root)) if r]
+    rows = [r for r in _lines("wikitext-2-raw/wiki.test.raw", root) if r]
     return "\n\n".join(rows)
 
 
@@ -242,7 +256,7 @@ def ptb_text(split: str = "test", data_dir: str | Path | None = None) -> str:
     if root is None:
         rows = [r["sentence"] for r in _load_from_hub("ptb" if split == "test" else "ptb_valid")]
     else:
-        rows = [r.strip() for r in _lines(data_file(f"ptb/ptb.{split}.txt", root))]
+        rows = [r.strip() for r in _lines(f"ptb/ptb.{split}.txt", root)]
         rows = rows[:-1] if rows and rows[-1] == "" else rows  # the file's final newline
     return joiner.join(rows)
 
@@ -258,7 +272,7 @@ def c4_documents(data_dir: str | Path | None = None, *, split: str = "validation
         if split == "train":
             return [r["text"] for r in _load_from_hub("c4_train")]
         return [r["text"] for r in _load_from_hub("c4")[:1100]]
-    return [d["text"] for d in _jsonl(data_file("c4/c4_sample.jsonl", root))]
+    return [d["text"] for d in _jsonl("c4/c4_sample.jsonl", root)]
 
 
 def c4_text(data_dir: str | Path | None = None) -> str:
@@ -298,26 +312,26 @@ def _hellaswag_hub(row: dict[str, Any]) -> dict[str, Any]:
             "label": int(row["label"])}
 
 
-def _hellaswag_local(path: Path) -> list[dict[str, Any]]:
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
+def _hellaswag_local(root: Path) -> list[dict[str, Any]]:
+    name = "hellaswag/hellaswag_val_full.txt.bz2"
+    lines = _text(bz2.decompress(data_bytes(name, root)), name).split("\n")
     lines = lines[:-1] if lines and lines[-1] == "" else lines
     if len(lines) % 6:
-        raise ValueError(f"{path}: {len(lines)} lines is not a whole number of 6-line records")
+        raise ValueError(f"{name}: {len(lines)} lines is not a whole number of 6-line records")
     return [{"query": lines[i], "choices": lines[i + 2 : i + 6], "label": int(lines[i + 1])}
             for i in range(0, len(lines), 6)]
 
 
-def _arc_local(path: Path) -> list[dict[str, Any]]:
+def _arc_local(name: str, root: Path) -> list[dict[str, Any]]:
     return [{"question": d["question"]["stem"],
              "choices": {"text": [c["text"] for c in d["question"]["choices"]],
                          "label": [c["label"] for c in d["question"]["choices"]]},
-             "answerKey": d["answerKey"]} for d in _jsonl(path)]
+             "answerKey": d["answerKey"]} for d in _jsonl(name, root)]
 
 
 def _piqa_local(root: Path) -> list[dict[str, Any]]:
-    docs = _jsonl(data_file("piqa/dev.jsonl", root))
-    labels = [int(x) for x in _lines(data_file("piqa/dev-labels.lst", root)) if x.strip()]
+    docs = _jsonl("piqa/dev.jsonl", root)
+    labels = [int(x) for x in _lines("piqa/dev-labels.lst", root) if x.strip()]
     if len(docs) != len(labels):
         raise ValueError(f"PIQA: {len(docs)} questions but {len(labels)} labels")
     return [{"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": y}
@@ -334,19 +348,18 @@ def _boolq_label(label: Any) -> int:
 
 
 _LOCAL = {  # task -> function(root) -> docs in the schema described in the module docstring
-    "arc_easy": lambda root: _arc_local(data_file("arc/ARC-Easy-Test.jsonl", root)),
-    "arc_challenge": lambda root: _arc_local(data_file("arc/ARC-Challenge-Test.jsonl", root)),
+    "arc_easy": lambda root: _arc_local("arc/ARC-Easy-Test.jsonl", root),
+    "arc_challenge": lambda root: _arc_local("arc/ARC-Challenge-Test.jsonl", root),
     "piqa": _piqa_local,
-    "hellaswag": lambda root: _hellaswag_local(
-        data_file("hellaswag/hellaswag_val_full.txt.bz2", root)),
+    "hellaswag": _hellaswag_local,
     "winogrande": lambda root: [
         {k: d[k] for k in ("sentence", "option1", "option2", "answer")}
-        for d in _jsonl(data_file("winogrande/winogrande_dev.jsonl", root))],
+        for d in _jsonl("winogrande/winogrande_dev.jsonl", root)],
     "boolq": lambda root: [
         {"question": d["question"], "passage": d["passage"], "label": _boolq_label(d["label"])}
-        for d in _jsonl(data_file("boolq/val.jsonl", root))],
+        for d in _jsonl("boolq/val.jsonl", root)],
     "lambada_openai": lambda root: [
-        {"text": d["text"]} for d in _jsonl(data_file("lambada/lambada_test.jsonl", root))],
+        {"text": d["text"]} for d in _jsonl("lambada/lambada_test.jsonl", root)],
 }
 TASK_NAMES = tuple(_LOCAL)
 
