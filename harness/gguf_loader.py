@@ -20,9 +20,21 @@
   ``1 + w`` for every Gemma 3 RMSNorm weight (HF computes ``x̂·(1 + w)``), and llama.cpp's graph
   multiplies by the stored weight; so the stored value is the effective multiplier, as
   :func:`harness.layers.rms_norm` expects (confirmed by the golden-logits test).
-* Integrity: sha256 and size are checked for the known files (:data:`KNOWN_FILES`); any file is
-  checked for a readable header, tensor data inside the file, and finite values. Failures raise
-  :class:`GGUFError` (a ``ValueError``) saying what is wrong.
+* Integrity: sha256 and size are checked for the known files (:data:`KNOWN_FILES`, by file
+  name, or ``expected_sha256=``); any file is checked for a readable header, tensor data inside
+  the file, and finite values. A file no sha256 vouches for (a renamed copy, another model) is
+  also :func:`validate`-d: tensors back to back at aligned offsets ending the file, no duplicate
+  key or tensor, the GGUF type of every key the loader and the tokenizer read, no key one bit
+  away from such a key (a corrupted name would silently fall back to a default), the
+  architecture fields (block count, widths, head counts, context length, RoPE and norm
+  constants in plausible ranges) against the tensors present and their shapes, the vocabulary
+  against ``token_embd``, unique tokens, token types 1..6, every merge ``a b`` with ``a``, ``b``
+  and ``ab`` in the vocabulary, every NORMAL token a byte character or a merge's result, scores
+  and byte tokens of SentencePiece vocabularies, special ids inside the vocabulary. Failures
+  raise :class:`GGUFError` (a ``ValueError``) naming the field. What no structural check can see
+  without a digest: a flipped bool (``add_bos_token``), a low mantissa bit of a float, a high
+  bit of ``context_length``, a special id moved to another valid id, one character of a special
+  token's text or of free text (name, chat template) — pass ``expected_sha256=`` for those.
 """
 
 from __future__ import annotations
