@@ -422,7 +422,8 @@ def load_tree(path: str | Path, *, bind: Any = None) -> tuple[Any, dict[str, Any
             raise CheckpointError(f"{f}: missing from the checkpoint")
         if hashlib.sha256(f.read_bytes()).hexdigest() != digest:
             raise CheckpointError(f"{f}: changed since the checkpoint was saved (sha256 mismatch)")
-    extra = sorted(set(_file_digests(path)) - set(files))
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    extra = sorted(present - set(files) - {_META})
     if extra:
         raise CheckpointError(f"{path}: files not in the saved checkpoint: {extra[:5]}")
     arrays: dict[str, Any] = {}
@@ -506,9 +507,15 @@ class BlockCheckpoints:
                 )
         else:
             _write_atomic(info, json.dumps({"run_id": self.run_id}))
-        for p in self.root.iterdir():  # temporary folders of saves that were interrupted
-            if _is_leftover(p):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for p in sorted(self.root.iterdir()):  # temporary folders of interrupted saves
+            if not _is_leftover(p):
+                continue
+            if ".old-" in p.name:  # killed between the two renames of a replacement
+                final = self.root / p.name[1:].split(".old-")[0]
+                if not final.exists():
+                    os.rename(p, final)  # the previous version comes back
+                    continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def _dir(self, i: int) -> Path:
         return self.root / f"block_{i:04d}"

@@ -389,3 +389,15 @@ def test_resume_verifies_every_block_it_reuses(setup, tmp_path):
     info.write_text(info.read_text()[:20])  # truncated
     with pytest.raises(ck.CheckpointError, match=r"run.json: unreadable"):
         run(checkpoint_dir=tmp_path)
+
+
+def test_resume_cleans_leftovers_and_restores_a_block_moved_aside(tmp_path):
+    """A kill between the two renames of a replacement leaves the previous block aside under a
+    temporary name: reopening puts it back; a half-written temporary folder is removed."""
+    ckpt = ck.BlockCheckpoints(tmp_path, "run")
+    ckpt.save(0, {"w": W()}, [{"name": "w"}])
+    (tmp_path / "block_0000").rename(tmp_path / ".block_0000.old-0123456789ab")
+    (tmp_path / ".block_0001.partial-0123456789ab" / "arrays").mkdir(parents=True)
+    done = ck.BlockCheckpoints(tmp_path, "run").finished()
+    assert list(done) == [0] and np.array_equal(done[0][0]["w"], W())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0000", "run.json"]
