@@ -20,17 +20,30 @@
   ``1 + w`` for every Gemma 3 RMSNorm weight (HF computes ``x̂·(1 + w)``), and llama.cpp's graph
   multiplies by the stored weight; so the stored value is the effective multiplier, as
   :func:`harness.layers.rms_norm` expects (confirmed by the golden-logits test).
-* Integrity: sha256 and size are checked for the known files (:data:`KNOWN_FILES`); any file is
-  checked for a readable header, tensor data inside the file, and finite values. Failures raise
-  :class:`GGUFError` (a ``ValueError``) saying what is wrong.
+* Integrity: sha256 and size are checked for the known files (:data:`KNOWN_FILES`, by file
+  name, or ``expected_sha256=``); any file is checked for a readable header, tensor data inside
+  the file, and finite values. A file no sha256 vouches for (a renamed copy, another model) is
+  also :func:`validate`-d: tensors back to back at aligned offsets ending the file, no duplicate
+  key or tensor, the GGUF type of every key the loader and the tokenizer read, no key one bit
+  away from such a key (a corrupted name would silently fall back to a default), the
+  architecture fields (block count, widths, head counts, context length, RoPE and norm
+  constants in plausible ranges) against the tensors present and their shapes, the vocabulary
+  against ``token_embd``, unique tokens, token types 1..6, every merge ``a b`` with ``a``, ``b``
+  and ``ab`` in the vocabulary, every NORMAL token a byte character or a merge's result, scores
+  and byte tokens of SentencePiece vocabularies, special ids inside the vocabulary. Failures
+  raise :class:`GGUFError` (a ``ValueError``) naming the field. What no structural check can see
+  without a digest: a flipped bool (``add_bos_token``), a low mantissa bit of a float, a high
+  bit of ``context_length``, a special id moved to another valid id, one character of a special
+  token's text or of free text (name, chat template) — pass ``expected_sha256=`` for those.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +152,7 @@ class GGUFFile:
     tensors: dict[str, TensorInfo]
     data: np.ndarray  # the whole file, uint8, memory-mapped read-only
     kv_span: tuple[int, int]  # byte range of the metadata section (to copy it verbatim)
+    kv_types: dict[str, tuple[int, ...]] = field(default_factory=dict)  # GGUF value type(s)
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of a tensor, ``[rows, bytes_per_row]`` (the ``gguf.quants`` input)."""
@@ -168,6 +182,7 @@ class _Cursor:
 
     def __init__(self, buf: memoryview, size: int):
         self.buf, self.size, self.pos = buf, size, 0
+        self.last_etype = -1  # element type of the last array read
 
     def take(self, n: int) -> int:
         if n < 0 or self.pos + n > self.size:
@@ -184,7 +199,8 @@ class _Cursor:
         return np.frombuffer(self.buf, dt, 1, self.take(dt.itemsize))[0].item()
 
     def count(self, what: str) -> int:
-        n = self.scalar("<u8")
+        p = self.take(8)
+        n = int.from_bytes(self.buf[p : p + 8], "little")  # (faster than np.frombuffer)
         if n > _MAX_COUNT:
             raise GGUFError(f"implausible {what} {n} at byte {self.pos - 8}: corrupt header")
         return n
@@ -197,13 +213,19 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise GGUFError(f"invalid UTF-8 string at byte {p}: corrupt header") from e
 
+    def typed_value(self) -> tuple[Any, tuple[int, ...]]:
+        """A metadata value and its type: ``(vtype,)``, or ``(9, element type)`` for arrays."""
+        vtype = self.scalar("<u4")
+        v = self.value(vtype)
+        return v, ((vtype, self.last_etype) if vtype == _ARRAY else (vtype,))
+
     def value(self, vtype: int) -> Any:
         if vtype in _VALUE_DTYPES:
             return self.scalar(_VALUE_DTYPES[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            etype = self.scalar("<u4")
+            etype = self.last_etype = self.scalar("<u4")
             n = self.count("array length")
             if etype in _VALUE_DTYPES:
                 dt = np.dtype(_VALUE_DTYPES[etype])
@@ -265,10 +287,13 @@ def read_gguf(
     n_tensors = cur.count("tensor count")
     n_kv = cur.count("metadata count")
     md: dict[str, Any] = {}
+    kv_types: dict[str, tuple[int, ...]] = {}
     kv_begin = cur.pos
     for _ in range(n_kv):
         key = cur.string()
-        md[key] = cur.value(cur.scalar("<u4"))
+        if key in md:
+            raise GGUFError(f"{path}: metadata key {key!r} appears twice: corrupt header")
+        md[key], kv_types[key] = cur.typed_value()
     kv_end = cur.pos
     infos = []
     for _ in range(n_tensors):
@@ -294,7 +319,11 @@ def read_gguf(
         infos.append(
             (name, tuple(int(d) for d in reversed(dims)), qtype, offset, n_el // block * type_size)
         )
-    align = int(md.get("general.alignment", 32))
+    align = md.get("general.alignment", 32)
+    if kv_types.get("general.alignment", (4,)) != (4,) or not (
+        isinstance(align, int) and 1 <= align <= 1 << 16 and align & (align - 1) == 0
+    ):
+        raise GGUFError(f"{path}: general.alignment {align!r} is not a power of two: corrupt")
     start = -(-cur.pos // align) * align
     tensors = {}
     for name, shape, qtype, offset, n_bytes in infos:
@@ -304,8 +333,13 @@ def read_gguf(
                 f"{path}: tensor {name} ends at byte {begin + n_bytes} but the file has "
                 f"{size} bytes: truncated"
             )
+        if name in tensors:
+            raise GGUFError(f"{path}: tensor {name!r} appears twice: corrupt header")
         tensors[name] = TensorInfo(name, shape, qtype, begin, n_bytes)
-    return GGUFFile(path, version, md, tensors, data, (kv_begin, kv_end))
+    f = GGUFFile(path, version, md, tensors, data, (kv_begin, kv_end), kv_types)
+    if not (verify and (expected_sha256 or known)):  # no digest vouches for it: check it all
+        validate(f, start=start, align=align)
+    return f
 
 
 def metadata(f: GGUFFile) -> dict[str, Any]:
@@ -367,7 +401,7 @@ def gguf_config(f: GGUFFile, *, dtype: str = "float32") -> ModelConfig:
         rope_factor=float(get("rope.scaling.factor", 1.0)),
         tie_embeddings="output.weight" not in names,
         attn_bias="blk.0.attn_q.bias" in names,
-        max_seq_len=int(get("context_length", 2048)),
+        max_seq_len=int(get("context_length")),  # required, as in llama.cpp
         dtype=dtype,
     )
     if arch == "llama":
@@ -447,38 +481,50 @@ def load_gguf(
     top: dict = {}
     blocks: list[dict] = [{} for _ in range(cfg.n_layers)]
     for tname in f.tensors:
-        m = _BLK_RE.fullmatch(tname)
-        if m:
-            i, kind, wb = int(m.group(1)), m.group(2), m.group(3)
-            if (
-                kind not in _BLOCK
-                or i >= cfg.n_layers
-                or (wb == "bias" and kind not in ("attn_q", "attn_k", "attn_v"))
-            ):
-                raise GGUFError(f"unsupported tensor {tname}")
-            a = f.tensor(tname)
-            if permute and kind in ("attn_q", "attn_k"):
-                a = unpermute_qk(a, cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads)
-            name = _BLOCK[kind] + ("_bias" if wb == "bias" else "")
-            _tree_set(blocks[i], name.split("."), a)
-        elif tname.endswith(".weight") and tname[: -len(".weight")] in _TOP:
-            top[_TOP[tname[: -len(".weight")]]] = f.tensor(tname)
-        else:
-            raise GGUFError(f"unsupported tensor {tname}")
+        i, name = _param_name(tname, cfg)
+        a = f.tensor(tname)
+        if i is None:
+            top[name] = a
+            continue
+        kind = name.split(".")[-1].removesuffix("_bias")
+        if permute and kind in ("q_proj", "k_proj"):
+            a = unpermute_qk(a, cfg.n_heads if kind == "q_proj" else cfg.n_kv_heads)
+        _tree_set(blocks[i], name.split("."), a)
     params = {**top, "blocks": blocks}
     _check_structure(params, cfg)
     params = jax.tree.map(jnp.asarray, params)
     return cfg, cast_params(params, cfg.compute_dtype)
 
 
-def _check_structure(params: dict, cfg: ModelConfig) -> None:
+def _param_name(tname: str, cfg: ModelConfig) -> tuple[int | None, str]:
+    """``(block index or None, param name)`` of a GGUF tensor; GGUFError if unsupported."""
+    m = _BLK_RE.fullmatch(tname)
+    if m:
+        i, kind, wb = int(m.group(1)), m.group(2), m.group(3)
+        if (
+            kind not in _BLOCK
+            or i >= cfg.n_layers
+            or (wb == "bias" and kind not in ("attn_q", "attn_k", "attn_v"))
+        ):
+            raise GGUFError(f"unsupported tensor {tname}")
+        return i, _BLOCK[kind] + ("_bias" if wb == "bias" else "")
+    if tname.endswith(".weight") and tname[: -len(".weight")] in _TOP:
+        return None, _TOP[tname[: -len(".weight")]]
+    raise GGUFError(f"unsupported tensor {tname}")
+
+
+@functools.lru_cache(maxsize=8)
+def _want_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``{param path: shape}`` of ``cfg`` (``param_shapes`` traces the model: cached)."""
     want = param_shapes(cfg)
+    return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(want)}
+
+
+def _check_structure(params: dict, cfg: ModelConfig) -> None:
     got_paths = {
         jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)
     }
-    want_paths = {
-        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(want)
-    }
+    want_paths = _want_shapes(cfg)
     missing = sorted(set(want_paths) - set(got_paths))
     extra = sorted(set(got_paths) - set(want_paths))
     if missing or extra:
@@ -486,6 +532,199 @@ def _check_structure(params: dict, cfg: ModelConfig) -> None:
     bad = [(k, got_paths[k], want_paths[k]) for k in want_paths if got_paths[k] != want_paths[k]]
     if bad:
         raise GGUFError(f"tensor shapes disagree with the metadata: {bad[:5]}")
+
+
+# ----------------------------------------------------------------------------- validation
+# Files that no sha256 vouches for (renamed or unknown copies) get every field the loader and
+# the tokenizer rely on checked, so that a corrupt header raises GGUFError naming the field
+# rather than a tokenizer error or a silently different model.
+
+_INT, _FLOAT, _BOOL, _STR = (0, 1, 2, 3, 4, 5, 10, 11), (6, 12), (7,), (_STRING,)
+_ARCH_KEYS = {  # {arch}.<key> read by gguf_config -> allowed GGUF value types
+    "block_count": _INT, "context_length": _INT, "embedding_length": _INT,
+    "feed_forward_length": _INT, "attention.head_count": _INT,
+    "attention.head_count_kv": _INT, "attention.key_length": _INT,
+    "attention.value_length": _INT, "attention.layer_norm_rms_epsilon": _FLOAT,
+    "rope.freq_base": _FLOAT, "rope.freq_base_swa": _FLOAT, "rope.dimension_count": _INT,
+    "rope.scaling.type": _STR, "rope.scaling.factor": _FLOAT, "attention.sliding_window": _INT,
+    "attention.sliding_window_pattern": _INT + _BOOL, "final_logit_softcapping": _FLOAT,
+    "vocab_size": _INT,
+}  # fmt: skip
+_TOK_KEYS = {  # tokenizer.ggml.<key> read by harness.tokenizer -> allowed types
+    "model": _STR, "pre": _STR, "tokens": _STR, "token_type": _INT, "merges": _STR,
+    "scores": _FLOAT, "bos_token_id": _INT, "eos_token_id": _INT, "padding_token_id": _INT,
+    "unknown_token_id": _INT, "add_bos_token": _BOOL, "add_eos_token": _BOOL,
+    "add_space_prefix": _BOOL,
+}  # fmt: skip
+_TOKEN_ARRAYS = ("tokens", "token_type", "merges", "scores")
+
+
+def _byte_level_alphabet() -> frozenset[str]:
+    """The 256 characters GPT-2's byte-level BPE maps bytes to (``bytes_to_unicode``)."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in keep]
+    return frozenset(map(chr, keep + [256 + i for i in range(len(extra))]))
+
+
+def _one_bit_apart(a: str, b: str) -> bool:
+    x, y = a.encode(), b.encode()
+    return len(x) == len(y) and sum((p ^ q).bit_count() for p, q in zip(x, y, strict=True)) == 1
+
+
+def _check_types(f: GGUFFile, arch: str) -> None:
+    read = {f"{arch}.{k}": t for k, t in _ARCH_KEYS.items()}
+    read |= {f"tokenizer.ggml.{k}": t for k, t in _TOK_KEYS.items()}
+    read |= {"general.architecture": _STR, "general.alignment": (4,)}
+    for key, allowed in read.items():
+        if key not in f.kv_types:
+            continue
+        t = f.kv_types[key]
+        is_array = t[0] == _ARRAY
+        if key.removeprefix("tokenizer.ggml.") in _TOKEN_ARRAYS or key.endswith("_pattern"):
+            ok = (is_array and t[1] in allowed) or (
+                not is_array and t[0] in allowed and key.endswith("_pattern")
+            )
+        else:  # per-layer arrays of the arch's numbers are allowed (gguf_config checks them)
+            ok = t[0] in allowed or (is_array and t[1] in allowed and key.startswith(arch + "."))
+        if not ok:
+            raise GGUFError(f"{f.path}: metadata {key} has GGUF type {t}, expected {allowed}")
+    for key in f.metadata:  # a key one bit away from one the loader reads: a corrupted name
+        if key not in read:
+            near = [r for r in read if _one_bit_apart(key, r)]
+            if near:
+                raise GGUFError(
+                    f"{f.path}: metadata key {key!r} is one bit away from {near[0]!r}: corrupt"
+                )
+
+
+def _check_layout(f: GGUFFile, start: int, align: int) -> None:
+    """Tensor data as llama.cpp writes it: back to back from the data section's start, each
+    tensor at an aligned offset right after the previous one, the last ending the file."""
+    pos = start
+    for t in sorted(f.tensors.values(), key=lambda t: t.offset):
+        if t.offset != pos:
+            raise GGUFError(
+                f"{f.path}: tensor {t.name} starts at byte {t.offset}, expected {pos} (tensors "
+                "overlap or leave gaps): corrupt tensor table"
+            )
+        pos = -(-(t.offset + t.n_bytes) // align) * align
+    end = max((t.offset + t.n_bytes for t in f.tensors.values()), default=start)
+    if not end <= f.data.size <= pos:
+        raise GGUFError(f"{f.path}: {f.data.size} bytes, but the tensors end at byte {end}")
+
+
+def _check_arch(f: GGUFFile, arch: str) -> ModelConfig:
+    cfg = gguf_config(f)
+    md = f.metadata
+    checks = [
+        ("context_length", 1 <= cfg.max_seq_len <= 1 << 24),
+        ("attention.layer_norm_rms_epsilon", 0 < cfg.norm_eps <= 1e-2),
+        ("rope.freq_base", 1 <= cfg.rope_theta <= 1e10),
+        ("rope.freq_base_swa", 1 <= (cfg.rope_local_theta or 1) <= 1e10),
+        ("rope.scaling.factor", 0 < cfg.rope_factor <= 1e4),
+        ("attention.head_count_kv", 1 <= cfg.n_kv_heads <= cfg.n_heads
+         and cfg.n_heads % cfg.n_kv_heads == 0),
+        ("block_count", 1 <= cfg.n_layers <= 1024),
+    ]  # fmt: skip
+    for key, ok in checks:
+        if not ok:
+            raise GGUFError(f"{f.path}: {arch}.{key} = {md.get(f'{arch}.{key}')!r} is implausible")
+    if f"{arch}.vocab_size" in md and int(md[f"{arch}.vocab_size"]) != cfg.vocab_size:
+        raise GGUFError(
+            f"{f.path}: {arch}.vocab_size {md[f'{arch}.vocab_size']} != token_embd rows "
+            f"{cfg.vocab_size}"
+        )
+    shapes: dict = {"blocks": [{} for _ in range(cfg.n_layers)]}
+    for tname, t in f.tensors.items():
+        i, name = _param_name(tname, cfg)
+        _tree_set(
+            shapes if i is None else shapes["blocks"][i],
+            name.split("."),
+            np.broadcast_to(np.zeros((), np.uint8), t.shape),
+        )
+    _check_structure(shapes, cfg)
+    return cfg
+
+
+def _check_tokenizer(f: GGUFFile, n_vocab: int | None) -> None:
+    from harness.tokenizer import _DIGIT_ISOLATING_PRE, _GPT2_PRE, BYTE, CONTROL, NORMAL
+
+    md = f.metadata
+    g = lambda k, d=None: md.get(f"tokenizer.ggml.{k}", d)  # noqa: E731
+    err = lambda k, msg: GGUFError(f"{f.path}: tokenizer.ggml.{k} {msg}: corrupt header")  # noqa: E731
+    model = g("model")
+    if model not in ("gpt2", "llama"):
+        raise err("model", f"is {model!r} (supported: gpt2, llama)")
+    tokens = g("tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise err("tokens", "is missing or empty")
+    n = len(tokens)
+    if n_vocab is not None and n != n_vocab:
+        raise err("tokens", f"has {n} entries but token_embd has {n_vocab} rows")
+    seen: set[str] = set()
+    for i, t in enumerate(tokens):
+        if t in seen:
+            raise err("tokens", f"entry {i} {t!r} appears twice")
+        seen.add(t)
+    types = np.asarray(g("token_type", np.full(n, NORMAL)))
+    if types.shape != (n,) or not np.all((types >= 1) & (types <= 6)):
+        raise err("token_type", f"must be {n} values in 1..6")
+    for k in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id"):
+        v = g(k)
+        if v is not None and not 0 <= int(v) < n:
+            raise err(k, f"= {v} is outside the vocabulary [0, {n})")
+    if g("add_bos_token", model == "llama") and g("bos_token_id") is None:
+        raise err("bos_token_id", "is missing but add_bos_token is true")
+    if model == "llama":
+        scores = np.asarray(g("scores", np.zeros(n)))
+        if scores.shape != (n,) or not np.all(np.isfinite(scores)):
+            raise err("scores", f"must be {n} finite values")
+        byte_ids = np.flatnonzero(types == BYTE)
+        names = {tokens[i] for i in byte_ids}
+        if len(byte_ids) != 256 or names != {f"<0x{b:02X}>" for b in range(256)}:
+            raise err("token_type", "must mark exactly the 256 byte tokens <0x00>..<0xFF>")
+        return
+    pre = g("pre", "default")
+    if pre not in _DIGIT_ISOLATING_PRE | _GPT2_PRE:
+        raise err("pre", f"is {pre!r}, not a supported gpt2 pre-tokenizer")
+    merges = g("merges", [])
+    if not isinstance(merges, list) or len(merges) >= n:
+        raise err("merges", f"must be a list of fewer than {n} merges")
+    if len(set(merges)) != len(merges):
+        raise err("merges", "holds a merge twice")
+    index = {t: i for i, t in enumerate(tokens)}
+    produced = set()
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep or " " in b or a not in index or b not in index or a + b not in index:
+            raise err("merges", f"entry {m!r} is not 'a b' with a, b and ab in the vocabulary")
+        produced.add(index[a + b])
+    alphabet = _byte_level_alphabet()
+    for i, t in enumerate(tokens):  # a NORMAL token is a base character or a merge's result
+        is_normal = types[i] == NORMAL
+        if is_normal and not (i in produced or (len(t) == 1 and t in alphabet)):
+            raise err("tokens", f"entry {i} {t!r} is NORMAL but no merge produces it")
+        if is_normal and not set(t) <= alphabet:
+            raise err("tokens", f"entry {i} {t!r} has characters outside the byte alphabet")
+        if i in produced and types[i] != NORMAL and types[i] != CONTROL:
+            raise err("token_type", f"of entry {i} {t!r} is {types[i]} for a merge result")
+
+
+def validate(f: GGUFFile, *, start: int, align: int) -> None:
+    """Check what the loader and the tokenizer rely on (``read_gguf`` calls this for every
+    file no sha256 vouches for): tensor layout, the types of the keys read, keys one bit from
+    a key read, architecture fields against the tensors present and their shapes, the
+    vocabulary against ``token_embd``, token / merge / type / score arrays, special ids."""
+    arch = f.metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFError(f"{f.path}: general.architecture missing or not a string: corrupt")
+    _check_layout(f, start, align)
+    _check_types(f, arch)
+    n_vocab = None
+    if arch in ("llama", "gemma3"):  # others: load_gguf refuses them; tokenizers may still load
+        n_vocab = _check_arch(f, arch).vocab_size
+    if any(k.startswith("tokenizer.ggml.") for k in f.metadata):
+        _check_tokenizer(f, n_vocab)
 
 
 def load_smollm2(*, dtype: str = "float32") -> tuple[ModelConfig, dict]:

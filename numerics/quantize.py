@@ -8,8 +8,11 @@ Steps: validate → block view (``numerics.granularity``) → per-block scale / 
 ``QArray``. Pure and jit-able (``cfg`` is static).
 
 Bad input: integer or empty arrays raise ``TypeError``/``ValueError``. NaN/Inf raise
-``ValueError`` when ``x`` is concrete; under ``jit`` (values unknown at trace time) the
-block that holds them gets a NaN scale, so it dequantizes to NaN instead of to garbage.
+``ValueError`` when ``x`` is concrete; under ``jit`` (values unknown at trace time) every block
+that holds one gets a NaN scale, on every shape and range, so that whole block dequantizes to
+NaN instead of to garbage and every other block is unchanged. (A max-reduction alone cannot be
+trusted to carry a NaN: XLA's vectorized CPU max drops it on shapes beyond a few rows; the
+range statistics therefore read NaN as +Inf, see ``_quantize``.)
 """
 
 from __future__ import annotations
@@ -83,10 +86,19 @@ def quantize(x: Float[Array, "*shape"], how: QuantConfig, *, key: Array | None =
 def _quantize(x: Array, how: QuantConfig, bs: tuple[int, ...], key: Array | None) -> QArray:
     fmt = how.fmt
     xb = G.to_blocks(x.astype(jnp.float32), bs)
-    s, z = ranges.choose_params(xb, how)
-    if how.range in ("percentile", "mse"):  # other ranges propagate NaN/Inf into s already
+    # Every block holding NaN/Inf must get a NaN scale. A reduction cannot be trusted to carry
+    # a NaN: XLA's CPU max-reduction drops it once it vectorizes (64 x 256 does, 2 x 16 does
+    # not), so s came out finite and the block decoded to garbage. An Inf survives max, min
+    # and mean, and an infinite scale is stored as NaN (``ranges._store`` / ``_pow2``): so the
+    # min-max and absmean statistics see NaN as +Inf (fused into their one reduction pass;
+    # finite blocks are untouched bit for bit). Percentile and MSE ranges sort or search, so
+    # they get an explicit per-block finiteness test instead.
+    if how.range in ("percentile", "mse"):
+        s, z = ranges.choose_params(xb, how)
         finite = jnp.all(jnp.isfinite(xb), axis=G.block_axes(x.ndim))
         s = jnp.where(finite, s, jnp.nan)
+    else:
+        s, z = ranges.choose_params(jnp.where(jnp.isnan(xb), jnp.inf, xb), how)
 
     y = ranges.safe_div(xb, G.expand_stat(s))
     if how.rounding == "stochastic":

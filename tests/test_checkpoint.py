@@ -1,6 +1,7 @@
 """Quantized checkpoints (methods/checkpoint.py): packed codes, bit-exact round trips, resume."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from methods.rtn.core import quantize_layer as rtn_layer
 from methods.walk import quantize_sequential
 from numerics.config import mx, rtn
 from numerics.formats import codebook_format
+from numerics.qarray import QArray
 from numerics.quantize import quantize
 from numerics.scales import double_quantize
 from numerics.sparse import DenseSparse, split_outliers
@@ -212,3 +214,190 @@ def test_data_free_walk_runs_no_model_and_equals_the_core(setup, monkeypatch):
     for name in linear_names(TINY):
         want = rtn_layer(jnp.asarray(get_param(params, name), jnp.float32), None, cfg).weight
         assert_same(get_param(qm.params, name), want)
+
+
+# ------------------------------------------------------------------------------ integrity
+
+
+def _saved(tmp_path, name="c"):
+    """A checkpoint of a 3-bit QArray [16, 256] and a norm vector, and its tree."""
+    tree = {"w": quantize(W((16, 256)), rtn(3, group_size=32, sym=False)), "n": W((256,), 1)}
+    return ck.save_tree(tmp_path / name, tree, metadata={"report": [{"name": "w"}]}), tree
+
+
+def _rewrite_meta(path, edit):
+    """Edit a checkpoint's metadata JSON in place; ``edit(meta)`` changes it."""
+    f = path / "meta" / "metadata"
+    meta = json.loads(f.read_text())
+    edit(meta)
+    f.write_text(json.dumps(meta))
+
+
+def _bitwise_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return static_json(a) == static_json(b) and all(
+        x.dtype == y.dtype
+        and x.shape == y.shape
+        and np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+        for x, y in zip(la, lb, strict=True)
+    )
+
+
+def test_every_flipped_byte_is_refused(tmp_path):
+    """One flipped byte anywhere in a checkpoint (array data, orbax's bookkeeping, the
+    metadata): load_tree raises CheckpointError naming that file — orbax never reads a changed
+    file, the loaded tree is never silently different."""
+    path, tree = _saved(tmp_path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    assert any(f.parent.name == "d" for f in files)  # orbax's data files are among them
+    for f in files:
+        raw = f.read_bytes()
+        for pos in sorted({0, len(raw) // 3, len(raw) // 2, len(raw) - 1}):
+            bad = bytearray(raw)
+            bad[pos] ^= 0x04
+            f.write_bytes(bytes(bad))
+            with pytest.raises(ck.CheckpointError, match=re.escape(str(f))):
+                ck.load_tree(path)
+            f.write_bytes(raw)
+    assert _bitwise_equal(ck.load_tree(path)[0], tree)  # every file restored: loads again
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["tree"]["dict"]["w"]["static"].update(shape={"tuple": [16, 128]}),
+        lambda m: m["tree"]["dict"]["w"]["static"]["format"]["fields"].update(bits=2),
+        lambda m: m["tree"]["dict"]["n"].update(shape=[128]),
+        lambda m: m["metadata"]["report"][0].update(name="v"),
+    ],
+    ids=["qarray_shape", "format_bits", "array_shape", "report"],
+)
+def test_edited_metadata_is_refused_naming_the_file(tmp_path, edit):
+    path, _ = _saved(tmp_path)
+    _rewrite_meta(path, edit)
+    with pytest.raises(ck.CheckpointError, match=r"meta/metadata.*changed"):
+        ck.load_tree(path)
+
+
+def test_damaged_files_raise_checkpoint_error_naming_them(tmp_path):
+    path, _ = _saved(tmp_path)
+    meta = path / "meta" / "metadata"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])  # truncated JSON
+    with pytest.raises(ck.CheckpointError, match=r"meta/metadata.*unreadable"):
+        ck.load_tree(path)
+    meta.write_text(text)
+    import shutil
+
+    shutil.rmtree(path / "arrays")
+    with pytest.raises(ck.CheckpointError, match=r"/c/arrays: missing"):
+        ck.load_tree(path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ck.CheckpointError, match=r"empty.*not a lowbit checkpoint"):
+        ck.load_tree(tmp_path / "empty")
+
+
+def test_only_allowlisted_classes_are_rebuilt(tmp_path):
+    """Metadata naming any other class — here one whose constructor writes a file — is refused
+    before the class is built, even with a valid digest (a digest is not a signature)."""
+    path, _ = _saved(tmp_path)
+    evil = tmp_path / "written_by_the_constructor"
+
+    def forge(meta):
+        meta["tree"]["dict"]["w"] = {
+            "dataclass": "methods.checkpoint:BlockCheckpoints",
+            "data": {},
+            "static": {"root": str(evil), "run_id": "x"},
+        }
+        if "sha256" in meta:
+            meta["sha256"] = ck._meta_digest(meta)
+
+    _rewrite_meta(path, forge)
+    with pytest.raises(ValueError, match="refusing to rebuild class 'methods.checkpoint:Block"):
+        ck.load_tree(path)
+    assert not evil.exists()
+    for bad in ("numerics.qarray:check", "builtins:dict", "numerics.formats:Format"):
+        with pytest.raises(ValueError, match="refusing"):
+            ck.decode({}, {"dataclass": bad, "data": {}, "static": {}})
+    with pytest.raises(TypeError, match="REBUILDABLE"):
+        ck.encode({"w": ck.BlockCheckpoints(tmp_path / "b", "id")})
+
+
+def test_allowlist_covers_every_leaf_and_format():
+    import importlib
+
+    from methods.awq.core import ScaledQArray
+    from methods.squeezellm.core import LUTWeight
+    from numerics.formats import Format
+
+    leaves = {ck._class_path(c) for c in (QArray, DenseSparse, ScaledQArray, LUTWeight)}
+    assert leaves <= {p for p, k in ck.REBUILDABLE.items() if k == "leaf"}
+    fmts = set()
+    for mod in ("numerics.formats", "numerics.minifloat"):
+        for obj in vars(importlib.import_module(mod)).values():
+            if isinstance(obj, type) and issubclass(obj, Format) and obj is not Format:
+                fmts.add(ck._class_path(obj))
+    assert fmts == {p for p, k in ck.REBUILDABLE.items() if k == "format"}
+
+
+def test_atomic_save_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
+    """A save that dies after orbax wrote its files but before the rename leaves no folder
+    under the final name; the leftover is removed by the next resume."""
+    import orbax.checkpoint as ocp
+
+    real = ocp.Checkpointer.save
+
+    def dies_after_writing(self, *a, **kw):
+        real(self, *a, **kw)
+        raise Interrupt
+
+    ckpt = ck.BlockCheckpoints(tmp_path, "run")
+    monkeypatch.setattr(ocp.Checkpointer, "save", dies_after_writing)
+    with pytest.raises(Interrupt):
+        ckpt.save(0, {"w": W()}, [])
+    monkeypatch.undo()
+    assert not (tmp_path / "block_0000").exists()
+    assert ck.BlockCheckpoints(tmp_path, "run").finished() == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_resume_verifies_every_block_it_reuses(setup, tmp_path):
+    params, tokens, full = setup
+    run = lambda **kw: quantize_sequential(params, TINY, tokens, counted, CFG, needs=("H",), **kw)
+    run(checkpoint_dir=tmp_path)
+    b0, b1 = tmp_path / "block_0000", tmp_path / "block_0001"
+    b0.rename(tmp_path / "x")
+    b1.rename(b0)
+    (tmp_path / "x").rename(b1)
+    with pytest.raises(ck.CheckpointError, match=r"block_0000: checkpoint is bound to"):
+        run(checkpoint_dir=tmp_path)
+    b0.rename(tmp_path / "x")
+    b1.rename(b0)
+    (tmp_path / "x").rename(b1)
+    assert_same(run(checkpoint_dir=tmp_path).params, full.params)
+
+    other = tmp_path / "other"  # a block of another run copied in
+    run(checkpoint_dir=other, seed=1)
+    import shutil
+
+    shutil.rmtree(b1)
+    shutil.copytree(other / "block_0001", b1)
+    with pytest.raises(ck.CheckpointError, match=r"block_0001: checkpoint is bound to"):
+        run(checkpoint_dir=tmp_path)
+
+    info = tmp_path / "run.json"
+    info.write_text(info.read_text()[:20])  # truncated
+    with pytest.raises(ck.CheckpointError, match=r"run.json: unreadable"):
+        run(checkpoint_dir=tmp_path)
+
+
+def test_resume_cleans_leftovers_and_restores_a_block_moved_aside(tmp_path):
+    """A kill between the two renames of a replacement leaves the previous block aside under a
+    temporary name: reopening puts it back; a half-written temporary folder is removed."""
+    ckpt = ck.BlockCheckpoints(tmp_path, "run")
+    ckpt.save(0, {"w": W()}, [{"name": "w"}])
+    (tmp_path / "block_0000").rename(tmp_path / ".block_0000.old-0123456789ab")
+    (tmp_path / ".block_0001.partial-0123456789ab" / "arrays").mkdir(parents=True)
+    done = ck.BlockCheckpoints(tmp_path, "run").finished()
+    assert list(done) == [0] and np.array_equal(done[0][0]["w"], W())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0000", "run.json"]

@@ -171,3 +171,45 @@ def test_bad_names():
         data.ptb_text("train")
     with pytest.raises(KeyError):
         data.data_file("nope.txt")
+
+
+@needs_data
+def test_changed_byte_with_mtime_restored_is_rejected(tmp_path, offline):
+    """No cache trusts (size, mtime): a byte changed in place and the mtime put back is caught
+    in the same process, by data_file and by every loader."""
+    import os
+
+    path = _copy(tmp_path, "ptb/ptb.valid.txt")
+    good = data.ptb_text("valid", data_dir=tmp_path)
+    assert data.data_file("ptb/ptb.valid.txt", tmp_path) == path
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[5000] ^= 0x20  # same size
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(data.DataChecksumError, match="ptb/ptb.valid.txt"):
+        data.data_file("ptb/ptb.valid.txt", tmp_path)
+    with pytest.raises(data.DataChecksumError, match="ptb/ptb.valid.txt"):
+        data.ptb_text("valid", data_dir=tmp_path)
+    raw[5000] ^= 0x20
+    path.write_bytes(bytes(raw))
+    assert data.ptb_text("valid", data_dir=tmp_path) == good
+
+
+@needs_data
+def test_loaders_parse_the_bytes_they_hashed(tmp_path, offline, monkeypatch):
+    """The loaders read a file once: the bytes whose sha256 was checked are the bytes parsed
+    (no second read that a concurrent writer could change)."""
+    _copy(tmp_path, "lambada/lambada_test.jsonl")
+    opened = []
+    for owner, attr in ((Path, "open"),):  # Path.read_bytes / read_text go through Path.open
+        real = getattr(owner, attr)
+        spy = lambda self, *a, _real=real, **kw: opened.append(str(self)) or _real(self, *a, **kw)
+        monkeypatch.setattr(owner, attr, spy)
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open", lambda f, *a, **kw: opened.append(str(f)) or real_open(f, *a, **kw)
+    )
+    assert len(data.load_task_docs("lambada_openai", data_dir=tmp_path)) == 5153
+    assert sum("lambada_test.jsonl" in p for p in opened) == 1

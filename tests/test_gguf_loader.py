@@ -392,3 +392,93 @@ def test_non_finite_tensor_values(copy):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_gguf(tmp_path / "nope.gguf")
+
+
+# ------------------------------------------------------------- renamed copies: no sha256 to check
+
+SAMPLE = "The quick brown fox, 2024 émigrés — naïve café!\n\tdef f(x): return x**2  # ok 12345"
+
+
+@pytest.fixture(scope="module")
+def renamed(tmp_path_factory, smollm2):
+    """A copy of the SmolLM2 file under an unknown name (so no sha256 vouches for it), and
+    what a clean read gives: tokenizer ids of SAMPLE, tensor table, config."""
+    from harness.tokenizer import Tokenizer
+
+    dst = tmp_path_factory.mktemp("renamed") / "my-model.gguf"
+    shutil.copyfile(smollm2.path, dst)
+    f = read_gguf(dst)
+    return dst, Tokenizer(f.metadata).encode(SAMPLE), f.tensors, gguf_config(f)
+
+
+def _flip_and_load(renamed, pos, bit):
+    """Flip one bit, read the file as a user would (config, tensors, tokenizer), flip it back.
+    Returns None on GGUFError, else whether everything equals the clean read. The flip is in
+    the header, so an identical tensor table means identical tensor bytes and values."""
+    from harness.tokenizer import Tokenizer
+
+    path, ids, tensors, cfg = renamed
+    with open(path, "r+b") as fh:
+        fh.seek(pos)
+        old = fh.read(1)[0]
+        fh.seek(pos)
+        fh.write(bytes([old ^ (1 << bit)]))
+    try:
+        f = read_gguf(path)
+        got = (Tokenizer(f.metadata).encode(SAMPLE), f.tensors, gguf_config(f))
+        return got == (ids, tensors, cfg)
+    except GGUFError:
+        return None
+    finally:
+        with open(path, "r+b") as fh:
+            fh.seek(pos)
+            fh.write(bytes([old]))
+
+
+def _offset(path, needle: bytes, after: int = 0) -> int:
+    head = path.read_bytes()[:2_000_000]
+    pos = head.find(needle, after)
+    assert pos >= 0, needle
+    return pos
+
+
+@pytest.mark.parametrize(
+    "needle, delta, bit",
+    [
+        ("ĠPrevention".encode(), 4, 0),  # a token's text: merges then reference a lost token
+        ("ĠPre vention".encode(), 6, 1),  # a merge's text
+        (b"llama.context_length", 2, 1),  # a key name: the loader would fall back to 2048
+        (b"tokenizer.ggml.pre", 16, 2),  # a key name: the tokenizer would refuse it
+        (b"tokenizer.ggml.merges", 21 + 4 + 4 + 8 + 7, 0),  # the first merge's length, low bit
+        (b"tokenizer.ggml.token_type", 25 + 4 + 4 + 8 + 4 * 500, 5),  # a token type 1 -> 33
+        (b"llama.embedding_length", 22 + 4, 8 + 1),  # the value 576 -> 576 ^ 512 (bit 9)
+    ],
+    ids=["token", "merge", "key_ctx", "key_pre", "merge_len", "token_type", "d_model"],
+)
+def test_flip_in_a_field_the_loader_relies_on_raises_gguf_error(renamed, needle, delta, bit):
+    pos = _offset(renamed[0], needle) + delta + bit // 8
+    assert _flip_and_load(renamed, pos, bit % 8) is None
+    assert _flip_and_load(renamed, 0, 0) is None  # (the magic: sanity of the helper)
+
+
+def _fuzz(renamed, seed, n):
+    header_end = min(t.offset for t in renamed[2].values())
+    rng = np.random.default_rng(seed)
+    outcomes = []
+    for _ in range(n):
+        pos, bit = int(rng.integers(0, header_end)), int(rng.integers(0, 8))
+        outcomes.append(_flip_and_load(renamed, pos, bit))
+        assert outcomes[-1] is not False, f"byte {pos} bit {bit} loaded a different model"
+    return outcomes
+
+
+def test_random_header_flips_short(renamed):
+    """Every one-bit flip in the header of a renamed copy raises GGUFError or loads the very
+    same tokenizer ids, tensors and config (no other exception, nothing silently different)."""
+    _fuzz(renamed, seed=2026, n=3)
+
+
+@pytest.mark.slow
+def test_random_header_flips_long(renamed):
+    outcomes = _fuzz(renamed, seed=21, n=300)
+    assert outcomes.count(None) > 250  # most header bytes are vocabulary: nearly all refused

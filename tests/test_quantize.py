@@ -258,6 +258,47 @@ def test_nan_under_jit_poisons_only_its_block():
     )
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.sampled_from([(9, 64), (64, 256), (128, 256), (16, 576)]),
+    group=st.sampled_from([32, 128, "channel", "tensor"]),
+    fmt=st.sampled_from(["int4", "uint3", "nf4", "fp4_e2m1", "ternary"]),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+    where=st.integers(0, 1 << 30),
+    ragged=st.booleans(),
+)
+def test_non_finite_under_jit_poisons_exactly_its_block(shape, group, fmt, bad, where, ragged):
+    """The documented contract on real shapes: under jit a block holding NaN/Inf decodes to NaN
+    (all of it), every other block stays finite. XLA's CPU max-reduction drops NaN once a
+    reduction is vectorized (> 8 rows), so the scale alone does not carry it."""
+    rows, cols = shape
+    if isinstance(group, int) and cols % group and not ragged:
+        group = 32
+    gran = group if isinstance(group, str) else "group"
+    cfg = QuantConfig(
+        format=fmt,
+        granularity=gran,
+        group_size=group if isinstance(group, int) else 128,
+        zero_point=fmt.startswith("uint"),
+        range="absmean" if fmt == "ternary" else "minmax",
+        ragged=ragged and gran == "group",
+    )
+    r, c = (where % rows), (where // rows) % cols
+    x = np.random.default_rng(where).normal(size=shape).astype(np.float32)
+    x[r, c] = bad
+    out = np.asarray(jax.jit(lambda a: fake_quant(a, cfg))(jnp.asarray(x)))
+    block = np.zeros(shape, bool)
+    if gran == "tensor":
+        block[:] = True
+    elif gran == "channel":
+        block[r] = True
+    else:
+        g0 = c // group * group
+        block[r, g0 : g0 + group] = True
+    assert np.all(np.isnan(out[block])), f"{np.isnan(out[block]).sum()} of {block.sum()} NaN"
+    assert np.all(np.isfinite(out[~block]))
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
