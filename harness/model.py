@@ -64,6 +64,8 @@ from harness.layers import (
 from harness.structure import (  # the adapter table lives there; re-exported for old imports
     ADAPTERS,
     BLOCK_LINEARS,
+    KV_SITES,
+    OUTPUT_SITE,
     LinearGroup,
     get_param,
     linear_names,
@@ -74,7 +76,9 @@ from harness.structure import (  # the adapter table lives there; re-exported fo
 __all__ = [
     "ADAPTERS",
     "BLOCK_LINEARS",
+    "KV_SITES",
     "MLP",
+    "OUTPUT_SITE",
     "Attention",
     "Block",
     "LinearGroup",
@@ -384,7 +388,8 @@ class Model:
             {"params": block_params}, h, positions, mix, down_in, mutable=["linear_inputs"]
         )
         ins = state["linear_inputs"]
-        return out, {n: v[0] for n in BLOCK_LINEARS if (v := maybe_param(ins, n)) is not None}
+        got = {n: v[0] for n in BLOCK_LINEARS + KV_SITES if (v := maybe_param(ins, n)) is not None}
+        return out, got | {OUTPUT_SITE: out}
 
     def block(self, params: Any, i: int, h: Array, positions: Array | None = None) -> Array:
         return self.apply_block(params["blocks"][i], i, h, positions)

@@ -60,6 +60,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from numerics.formats import Format
+from numerics.leaves import LEAF_TYPES
 from numerics.qarray import QArray
 
 _WORD_BITS = 32
@@ -70,12 +71,7 @@ _FORMAT_TAG = "lowbit-quantized-v2"  # v2: digests + bind; v1 (no digests) is re
 # fields). ScaledQArray and LUTWeight may move to numerics.leaves: both paths are listed, and a
 # path whose module does not import is simply unavailable (refused with a clear error).
 REBUILDABLE: dict[str, str] = {
-    "numerics.qarray:QArray": "leaf",
-    "numerics.sparse:DenseSparse": "leaf",
-    "methods.awq.core:ScaledQArray": "leaf",
-    "methods.squeezellm.core:LUTWeight": "leaf",
-    "numerics.leaves:ScaledQArray": "leaf",
-    "numerics.leaves:LUTWeight": "leaf",
+    **{f"{c.__module__}:{c.__qualname__}": "leaf" for c in LEAF_TYPES},  # numerics.leaves
     "numerics.formats:IntFormat": "format",
     "numerics.formats:TableFormat": "format",
     "numerics.minifloat:FloatFormat": "format",
