@@ -1,9 +1,10 @@
 """LLM.int8() (arXiv 2208.07339) over a whole model: ``methods.walk`` with the per-linear core.
 
 Every block linear gets vector-wise int8 weights and its input quantizer (per-token int8 with the
-run-time outlier decomposition, ``core``); the report's ``outlier_frac`` per linear is the share of
-its input features with ``max|X_j| ≥ α`` on the calibration segments (the walk's one capture
-per block: ``true_sequential=False``, since nothing here depends on the previous groups).
+run-time outlier decomposition, ``core``). The method is data-free (the walk skips calibration);
+with ``outliers=True`` the calibration inputs are captured (one capture per block:
+``true_sequential=False``, nothing depends on the previous groups) only so that the report's
+``outlier_frac`` per linear gives the share of its input features with ``max|X_j| ≥ α``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def quantize_model(
     *,
     batch_size: int = 8,
     progress: bool = False,
+    outliers: bool = False,
     **kw: Any,
 ) -> QuantizedModel:
     q = quantize_sequential(
@@ -35,7 +37,7 @@ def quantize_model(
         calib_tokens,
         quantize_layer,
         cfg,
-        needs=("act_absmax",),
+        needs=("act_absmax",) if outliers else (),
         true_sequential=False,
         batch_size=batch_size,
         progress=progress,
@@ -52,6 +54,5 @@ METHOD = register(
         quantize_model=quantize_model,
         paper="2208.07339",
         kind="weight_act",
-        needs=("act_absmax",),
     )
 )

@@ -37,7 +37,15 @@ from methods.smoothquant.core import SmoothQuantConfig, W8A8Config, quantize_lay
 from methods.walk import layer_stats, quantized_model
 from numerics.sparse import weight_bits
 
-__all__ = ["SmoothQuantConfig", "W8A8Config", "quantize_layer", "quantize_model", "smooth_block"]
+__all__ = [
+    "SmoothQuantConfig",
+    "W8A8Config",
+    "calibrate",
+    "quantize_from_stats",
+    "quantize_layer",
+    "quantize_model",
+    "smooth_block",
+]
 
 
 def smooth_block(
@@ -60,26 +68,45 @@ def smooth_block(
     return bp, absmax, scales
 
 
-def quantize_model(
+def calibrate(
     params: Any,
     model_cfg: ModelConfig,
     calib_tokens: Any,
-    cfg: W8A8Config,
     *,
     batch_size: int = 8,
     progress: bool = False,
+) -> dict[str, Any]:
+    """``max|X_j|`` of every block linear's inputs in the full-precision model (one pass, the fp
+    block's outputs feeding the next block, as the reference's ``get_act_scales``), by full
+    name (``blocks.3.attn.q_proj``)."""
+    names = [n for g in ADAPTERS[model_cfg.family] for n in g.names]
+    out: dict[str, Any] = {}
+
+    def on_block(i: int, bp: Any, calib: capture.BlockCalibration) -> Any:
+        out.update({f"blocks.{i}.{n}": layer_stats(calib[n]).act_absmax for n in names})
+        return bp
+
+    capture.sequential(
+        params, model_cfg, calib_tokens, on_block,
+        accumulators=statistics.plan(("act_absmax",))[0], batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    return out
+
+
+def quantize_from_stats(
+    params: Any, model_cfg: ModelConfig, act_absmax: dict[str, Any], cfg: W8A8Config
 ) -> QuantizedModel:
-    """``cfg`` a :class:`SmoothQuantConfig` (smooth, then quantize) or a :class:`W8A8Config`
-    (quantize only); see the module docstring."""
+    """Smooth (``SmoothQuantConfig``) and quantize every block with the fp inputs' statistics
+    ``act_absmax`` (:func:`calibrate`); one calibration serves any α or level."""
     t0 = time.perf_counter()
     smooth = isinstance(cfg, SmoothQuantConfig)
     groups = ADAPTERS[model_cfg.family]
-    done: dict[int, Any] = {}
     report: list[dict[str, Any]] = []
     acts: dict[str, Any] = {}
-
-    def on_block(i: int, bp: Any, calib: capture.BlockCalibration) -> Any:
-        absmax = {n: layer_stats(calib[n]).act_absmax for g in groups for n in g.names}
+    blocks = []
+    for i in range(model_cfg.n_layers):
+        bp = params["blocks"][i]
+        absmax = {n: act_absmax[f"blocks.{i}.{n}"] for g in groups for n in g.names}
         bq, scales = bp, {}
         if smooth:
             bq, absmax, scales = smooth_block(bp, absmax, cfg.alpha, model_cfg.family)
@@ -96,21 +123,27 @@ def quantize_model(
                 bq = set_param(bq, n, res.weight)
                 if res.act is not None:
                     acts[f"blocks.{i}.{n}"] = res.act
-        done[i] = bq
-        return bp  # the fp block feeds the next block's statistics (reference: fp act_scales)
-
-    capture.sequential(
-        params,
-        model_cfg,
-        calib_tokens,
-        on_block,
-        accumulators=statistics.plan(("act_absmax",))[0],
-        batch_size=batch_size,
-        progress=progress,
-    )
-    new = {**params, "blocks": [done[i] for i in range(model_cfg.n_layers)]}
+        blocks.append(bq)
+    new = {**params, "blocks": blocks}
     q = quantized_model(params, new, report, t0, hooks=act_hooks(acts))
     return dataclasses.replace(q, bits_per_activation=float(cfg.act_bits))
+
+
+def quantize_model(
+    params: Any,
+    model_cfg: ModelConfig,
+    calib_tokens: Any,
+    cfg: W8A8Config,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> QuantizedModel:
+    """``cfg`` a :class:`SmoothQuantConfig` (smooth, then quantize) or a :class:`W8A8Config`
+    (quantize only); see the module docstring."""
+    t0 = time.perf_counter()
+    stats = calibrate(params, model_cfg, calib_tokens, batch_size=batch_size, progress=progress)
+    q = quantize_from_stats(params, model_cfg, stats, cfg)
+    return dataclasses.replace(q, seconds=time.perf_counter() - t0)
 
 
 SMOOTHQUANT = register(
