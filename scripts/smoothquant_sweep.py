@@ -5,7 +5,7 @@ once (``methods.smoothquant.calibrate``, the same seeded C4 segments as the tabl
 folded and quantized from those statistics (``quantize_from_stats``), then evaluated with the
 GPTQ protocol. Rows (same notes as ``methods.compare``) are appended to ``--out``.{json,md}.
 
-    .venv/bin/python scripts/smoothquant_sweep.py --level O3 --windows 4 --fp --naive \\
+    .venv/bin/python scripts/smoothquant_sweep.py --level O3 --windows 2 --fp --naive \\
         --out papers/data/smoothquant_sweep_rows
 """
 
