@@ -73,8 +73,6 @@ else:
     if not ROWS:
         raise FileNotFoundError("no LLM.int8() rows: run the commands in the card first")
     OUTLIERS = json.loads((data / "llm_int8_outliers.json").read_text())["smollm2"]["layers"]
-TABLE = pivot(ROWS)
-print(TABLE)
 
 
 # %% [markdown]
@@ -88,6 +86,8 @@ def _variant(r) -> str:
     return "absmax" if "threshold=None" in r.notes.get("config", "") else "int8()"
 
 
+TABLE = pivot([dataclasses.replace(r, method=_variant(r)) for r in ROWS])  # one line per variant
+print(TABLE)
 PPL = {(_variant(r), r.dataset): r.value for r in ROWS}
 for k, v in sorted(PPL.items()):
     print(f"  {k[0]:8s} {k[1]:9s} {v:10.2f}")
