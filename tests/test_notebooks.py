@@ -239,3 +239,25 @@ def test_notebook_runs_small_and_checks(path):
 
 def test_every_check_has_a_notebook():
     assert set(CHECKS) <= {p.stem for p in NOTEBOOKS}
+
+
+def check_smoothquant(g: dict) -> None:
+    """Every α of the sweep ran at O3 with 8-bit activations; the naive and fp rows exist."""
+    assert sorted(g["SWEEP"]) == sorted(g["ALPHAS"])
+    assert all(math.isfinite(v) and v > 1 for v in g["SWEEP"].values())
+    assert math.isfinite(g["NAIVE_PPL"]) and g["FP_PPL"] > 1
+    quantized = [r for r in g["ROWS"] + g["SWEEP_ROWS"] if r.method != "fp"]
+    assert quantized and all(r.notes["bpa"] == 8.0 for r in quantized)
+    assert "| W8A8 | smoothquant |" in g["TABLE"] and "| W8A8 | w8a8 |" in g["TABLE"]
+
+
+def check_llm_int8(g: dict) -> None:
+    """Both variants and fp evaluated; one outlier fraction in [0, 1] per block linear."""
+    assert {v for v, _ in g["PPL"]} == {"fp", "absmax", "int8()"}
+    names = [o["name"] for o in g["OUTLIERS"]]
+    assert len(names) == len(set(names)) and len(names) % 7 == 0
+    assert all(0.0 <= o["outlier_frac"] <= 1.0 for o in g["OUTLIERS"])
+
+
+CHECKS["smoothquant"] = check_smoothquant
+CHECKS["llm_int8"] = check_llm_int8
