@@ -4,9 +4,11 @@ Importing this package registers every method (``methods.base.REGISTRY``)."""
 
 from methods import (
     awq,  # noqa: F401
+    dgq,  # noqa: F401
     gptq,  # noqa: F401
     omniquant,  # noqa: F401
     rtn,  # noqa: F401  (registers)
+    rtn_act,  # noqa: F401
     spqr,  # noqa: F401
     squeezellm,  # noqa: F401
 )
