@@ -42,7 +42,9 @@ def quantize_layer(
     W: Float[Array, "out in"], stats: LayerStats, cfg: RTNActConfig, *, key=None
 ) -> LayerResult:
     del stats, key  # data-free
-    how = rtn(cfg.bits, group_size=cfg.group_size, sym=cfg.sym, ragged=cfg.ragged)
+    how = rtn(
+        cfg.bits, group_size=cfg.group_size, sym=cfg.sym, ragged=cfg.ragged, scale_dtype="float16"
+    )
     return LayerResult(quantize(W, how), act=act_quantizer(cfg.act_config(), who="RTN W+A"))
 
 
