@@ -6,9 +6,11 @@ from methods import (
     awq,  # noqa: F401
     dgq,  # noqa: F401
     gptq,  # noqa: F401
+    mixllm,  # noqa: F401
     omniquant,  # noqa: F401
     rtn,  # noqa: F401  (registers)
     rtn_act,  # noqa: F401
+    smoothquant_plus,  # noqa: F401
     spqr,  # noqa: F401
     squeezellm,  # noqa: F401
 )
