@@ -4,11 +4,15 @@ Importing this package registers every method (``methods.base.REGISTRY``)."""
 
 from methods import (
     awq,  # noqa: F401
+    dgq,  # noqa: F401
     gptq,  # noqa: F401
     llm_int8,  # noqa: F401
+    mixllm,  # noqa: F401
     omniquant,  # noqa: F401
     rtn,  # noqa: F401  (registers)
+    rtn_act,  # noqa: F401
     smoothquant,  # noqa: F401
+    smoothquant_plus,  # noqa: F401
     spqr,  # noqa: F401
     squeezellm,  # noqa: F401
 )

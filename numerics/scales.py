@@ -9,7 +9,9 @@
   float map; we use FP8 E4M3 — the paper says only "8-bit Floats".
   Memory for NF4 g64: 8/64 + 32/(64·256) ≈ 0.127 bits per parameter (paper: 0.127).
 * ``dgq_quantize(W, …)`` — Dual Grained Quantization (arXiv 2310.04836): INT4 group scales
-  re-expressed as unsigned 8-bit integers times one float scale per output channel.
+  re-expressed as unsigned 8-bit integers times one float scale per output channel; with a
+  ``channel_ratio`` the paper's INT8 form (every S⁽²⁾·(q − z) an int8). ``clip_groups`` is its
+  per-group clipping (the two-phase search of ``methods.dgq`` picks both ratios).
 * ``progressive_quantize(W, …)`` — QServe / QoQ (arXiv 2405.04532, §4.1): per-channel INT8
   first (protective range ±119 so that the 4-bit dequantization cannot overflow int8), then
   UINT4 groups with UINT8 integer scales and UINT4 zero points on the INT8 values.
@@ -62,14 +64,78 @@ def double_quantize(qa: QArray, *, block: int = 256, fmt: str = "fp8_e4m3") -> Q
     )
 
 
-def dgq_quantize(W: Float[Array, "out in"], *, bits: int = 4, group_size: int = 128) -> QArray:
-    """DGQ: asymmetric INT``bits`` groups whose float scales become UINT8 × per-channel float."""
+def clip_groups(
+    W: Float[Array, "out in"], ratio: Float[Array, "out ng"] | float, how: QuantConfig
+) -> Float[Array, "out in"]:
+    """``W`` clipped per block of ``how`` to ``ratio``·[min(min, 0), max(max, 0)]: min-max
+    quantization of the result uses exactly the shrunk range (ratio 1: ``W`` unchanged)."""
+    Wf = W.astype(jnp.float32)
+    bs = G.block_shape(W.shape, how)
+    r = jnp.broadcast_to(jnp.asarray(ratio, jnp.float32), G.num_blocks(W.shape, bs))
+    wb = G.to_blocks(Wf, bs)
+    lo = jnp.minimum(jnp.min(wb, axis=(1, 3)), 0.0) * r
+    hi = jnp.maximum(jnp.max(wb, axis=(1, 3)), 0.0) * r
+    return G.from_blocks(jnp.clip(wb, G.expand_stat(lo), G.expand_stat(hi)), W.shape)
+
+
+def dgq_quantize(
+    W: Float[Array, "out in"],
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    ragged: bool = False,
+    group_ratio: Float[Array, "out ng"] | float | None = None,
+    channel_ratio: Float[Array, " out"] | float | None = None,
+) -> QArray:
+    """DGQ (arXiv 2310.04836 §3.1): asymmetric UINT``bits`` groups whose float scales s' become
+    UINT8 integers S⁽²⁾ times one float16 scale s⁽¹⁾ per output channel: W ≈ s⁽¹⁾·S⁽²⁾·(q − z).
+
+    * ``group_ratio`` r_g (phase 1 of the paper's two-phase search): each group is clipped to
+      r_g·[min, max] before min-max quantization (``None``: 1, plain min-max);
+    * ``channel_ratio`` ``None``: s⁽¹⁾ = max_g s' / 255 and S⁽²⁾ = round(s' / s⁽¹⁾) (the plain
+      second level); a ratio r_c (phase 2): the paper's INT8 form, s⁽¹⁾ = r_c·max|W_row| / 127,
+      S⁽²⁾ = clip(round(s' / s⁽¹⁾), 1, 255) and the codes limited to
+      z ± ⌊127 / S⁽²⁾⌋ so that every S⁽²⁾·(q − z) is an INT8 on the per-channel grid s⁽¹⁾ —
+      the int8 activations times these int8 weights are one integer GEMM per output channel
+      (ilur98/DGQ ``QuantizerHelper.searchquant``, its ``W4W8`` branch).
+    ``ragged``: a shorter last group (its statistics its own)."""
     check_input(W, "dgq_quantize")
-    qa = quantize(W, rtn(bits, group_size=group_size, sym=False))
-    inner = quantize(
-        qa.scale.astype(jnp.float32), QuantConfig(format="uint8", granularity="channel")
+    if W.ndim != 2:
+        raise ValueError(f"dgq_quantize expects a 2-D weight [out, in], got {W.shape}")
+    how = rtn(bits, group_size=group_size, sym=False, ragged=ragged)
+    Wf = W.astype(jnp.float32)
+    bs = G.block_shape(W.shape, how)
+    nb = G.num_blocks(W.shape, bs)
+    Wc = Wf if group_ratio is None else clip_groups(Wf, group_ratio, how)
+    qa = quantize(Wc.astype(W.dtype), how)
+    if channel_ratio is None:
+        inner = quantize(
+            qa.scale.astype(jnp.float32), QuantConfig(format="uint8", granularity="channel")
+        )
+        return dataclasses.replace(qa, scale=inner)
+    qmax = 2.0**bits - 1.0
+    rc = jnp.broadcast_to(jnp.asarray(channel_ratio, jnp.float32), (W.shape[0],))
+    s1 = rc * jnp.max(jnp.abs(Wf), axis=1) / 127.0
+    s1 = jnp.where(s1 > 0, s1, 1.0).astype(jnp.float16).astype(jnp.float32)
+    s2 = jnp.clip(jnp.round(qa.scale_array().astype(jnp.float32) / s1[:, None]), 1.0, 255.0)
+    z = qa.zero.astype(jnp.float32)
+    reach = jnp.floor(127.0 / s2)  # |q − z| ≤ reach keeps S⁽²⁾·(q − z) inside int8
+    lower, upper = jnp.maximum(z - reach, 0.0), jnp.minimum(z + reach, qmax)
+    wb = G.to_blocks(jnp.clip(Wc, -127.0 * s1[:, None], 127.0 * s1[:, None]), bs)
+    step = G.expand_stat(s2 * s1[:, None])
+    q = jnp.clip(
+        jnp.round(wb / step) + G.expand_stat(z), G.expand_stat(lower), G.expand_stat(upper)
     )
-    return dataclasses.replace(qa, scale=inner)
+    scale = QArray(
+        codes=s2.astype(jnp.uint8),
+        scale=s1.astype(jnp.float16)[:, None],
+        zero=None,
+        format=IntFormat(bits=8, signed=False),
+        block_shape=(1, nb[1]),
+        shape=nb,
+        dtype=jnp.float32,
+    )
+    return dataclasses.replace(qa, codes=G.from_blocks(q, W.shape).astype(jnp.uint8), scale=scale)
 
 
 def progressive_quantize(

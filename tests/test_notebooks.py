@@ -261,3 +261,54 @@ def check_llm_int8(g: dict) -> None:
 
 CHECKS["smoothquant"] = check_smoothquant
 CHECKS["llm_int8"] = check_llm_int8
+
+
+# SmolLM2 block: 4,608 rows of 576 inputs (q, k, v, o, gate, up) and 576 rows of 1,536 (down),
+# 3,538,944 weights; groups of 128: 5 per 576-wide row (the last ragged), 12 per 1,536-wide row.
+_SMOL_ROWS, _SMOL_SIZE = 4608 + 576, 3538944
+
+
+def _smol_groups(g: int) -> int:
+    return -(-576 // g) * 4608 + -(-1536 // g) * 576
+
+
+def check_dgq(g: dict) -> None:
+    """Both rows ran on every corpus at 8-bit activations; DGQ's integer group scales cost
+    exactly 8 bits (plain W4A8: float16) plus one float16 scale per output channel."""
+    for m in g["METHODS"]:
+        for c in g["CORPORA"]:
+            assert math.isfinite(g["PPL"][(m, c)]) and g["PPL"][(m, c)] > 1
+        assert g["BPA"][m] == 8.0
+    groups = _smol_groups(128)
+    assert g["BPW"]["rtn_act"] == pytest.approx(4 + (16 + 4) * groups / _SMOL_SIZE, abs=1e-9)
+    dgq = 4 + (8 + 4) * groups / _SMOL_SIZE + 16 * _SMOL_ROWS / _SMOL_SIZE
+    assert g["BPW"]["dgq"] == pytest.approx(dgq, abs=1e-9)
+
+
+def check_mixllm(g: dict) -> None:
+    """Plain W4A8 costs what its groups cost; MixLLM's 8-bit rows cost 8 bits each, within the
+    budget: its bits lie between plain g128 and g128 with a full ``frac`` of rows at 8 bits."""
+    t = g["TABLE"]
+    for s, gs in (("W4A8g128", 128), ("W4A8g64", 64), ("W4A8g32", 32)):
+        expect = 4 + (16 + 4) * _smol_groups(gs) / _SMOL_SIZE
+        assert t[f"plain {s}"]["bpw"] == pytest.approx(expect, abs=1e-9)
+    b4 = t["plain W4A8g128"]["bpw"]
+    for frac in g["FRACS"]:
+        b = t[f"MixLLM {frac:.0%}"]["bpw"]
+        # a promoted row trades ≈ 4.17 bits for 8 + its fp16 scale + its 16-bit index
+        assert b4 + 0.9 * frac * (8 - 4.2) < b <= b4 + frac * (8 + 32 / 576 - 4.15) + 1e-9
+    assert t["MixLLM 10%"]["bpw"] > t["MixLLM 5%"]["bpw"]
+    for line in t.values():
+        assert all(math.isfinite(line[c]) for c in g["CORPORA"])
+
+
+def check_smoothquant_plus(g: dict) -> None:
+    """Folded smoothing scales cost no bits: SmoothQuant+ stores exactly RTN's INT4 g128."""
+    expect = 4 + (16 + 4) * _smol_groups(128) / _SMOL_SIZE
+    for m in ("rtn", "smoothquant_plus"):
+        assert g["BPW"][m] == pytest.approx(expect, abs=1e-9)
+        for c in g["CORPORA"]:
+            assert math.isfinite(g["PPL"][(m, c)])
+
+
+CHECKS |= {"dgq": check_dgq, "mixllm": check_mixllm, "smoothquant_plus": check_smoothquant_plus}
