@@ -14,9 +14,10 @@ Generative Tasks", arXiv 2312.08583 (its GPU kernel became FP6-LLM, arXiv 2401.1
   layout, lossless (``numerics.packing.pack_planes``); the storage is still 6 bits per weight
   plus the scales (``numerics.packing.bits_per_weight`` of the ``QArray``).
 
-Official code checked: microsoft/DeepSpeed (FP6 inference, ``deepspeed/inference/v2`` FP6
-linear and its weight prepacking, FP6-LLM) — per-output-channel fp16 scales, E3M2, the weight
-split into 4-bit and 2-bit segments.
+Official code checked: microsoft/DeepSpeed — ``deepspeed/inference/v2/modules/implementations/
+linear/quantized_linear.py`` (``QuantizedWf6Af16Linear``: the FP6 weight split into a 4-bit and
+a 2-bit part by ``preprocess_weight``, scales of shape ``[out, 1]``: per output channel) and
+``deepspeed/ops/fp_quantizer/quantize.py`` (``q_bits=6`` means 2 mantissa bits: E3M2).
 
 Details as in the reference: E3M2, per-channel fp16 scales, max-abs scaling, round to nearest.
 

@@ -24,10 +24,10 @@ Floating-Point Formats", arXiv 2307.09782.
 * **LoRC** (ZeroQuant-V2, arXiv 2303.08302; the paper adds it in §5): optional, ``lorc_rank``,
   through the shared ``numerics.lowrank.lorc``.
 
-Official code checked: microsoft/DeepSpeed (FP quantizer ops, ``deepspeed/ops/fp_quantizer``)
-holds the released FP8/FP6/FP4 quantization kernels; the paper's evaluation scripts are not
-released there, so the scale constraints follow the paper's text as we read it — M2's exact
-formula is our reading (unverified against code).
+Official code checked: microsoft/DeepSpeed ``deepspeed/ops/fp_quantizer/quantize.py``
+(``FP_Quantize``: group-wise FP quantization, ``q_bits`` 8 / 6 / 4 with 3 / 2 / 1 mantissa bits,
+i.e. E4M3, E3M2, E2M1). The paper's evaluation scripts and its scale constraints are not in
+that code, so M1 / M2 follow the paper's text as we read it (M2's formula unverified).
 
 Details as in the reference: E4M3 activations per token, E2M1 weights with group scales,
 scales kept at or above the real one (no clipping).
