@@ -24,8 +24,8 @@ default rank (8) for the factors.
 
 Differences, on purpose: the weights are round-to-nearest (the paper also combines LoRC with
 GPTQ; RTN isolates LoRC's effect); activations are symmetric (the shared quantizer of
-``methods.actquant``), weights asymmetric with an integer zero point (the paper's Table 2
-finds asymmetric weights better); groups may be ragged (SmolLM2's 576 width at g128).
+``methods.actquant``), weights asymmetric with an integer zero point (as this project's
+weight-only RTN; the paper studies both); groups may be ragged (SmolLM2's 576 width at g128).
 """
 
 from __future__ import annotations
