@@ -44,12 +44,8 @@ VARIANTS = {
 }
 if SMALL:
     CMP = CompareConfig(n_calib=2, calib_seqlen=128, seqlen=128, windows=2)
-else:
+else:  # the measured rows (g128 not measured yet)
     CMP = CompareConfig(corpora=("wikitext2", "c4"))
-    VARIANTS |= {
-        "FP6 E3M2 g128": ("zeroquant_4p2", "W6g128", {}),
-        "INT6 RTN g128": ("rtn", "W6g128", {}),
-    }
 ROWS_FROM = None if SMALL else os.environ.get("LOWBIT_ROWS")
 print(f"SMALL={SMALL}  {CMP}  rows from: {ROWS_FROM or 'this run'}")
 

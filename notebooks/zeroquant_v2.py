@@ -38,12 +38,8 @@ VARIANTS = {
 }
 if SMALL:
     CMP = CompareConfig(n_calib=2, calib_seqlen=128, seqlen=128, windows=2)
-else:
+else:  # the measured rows (W3A8 not measured yet)
     CMP = CompareConfig(corpora=("wikitext2", "c4"))
-    VARIANTS |= {
-        "W3A8 g128": ("zeroquant_v2", "W3A8g128", {"lorc_rank": 0}),
-        "W3A8 g128 + LoRC": ("zeroquant_v2", "W3A8g128", {}),
-    }
 ROWS_FROM = None if SMALL else os.environ.get("LOWBIT_ROWS")
 print(f"SMALL={SMALL}  {CMP}  rows from: {ROWS_FROM or 'this run'}")
 
