@@ -85,7 +85,8 @@ def test_activations_are_per_token_int8():
     x = jax.random.normal(jax.random.key(3), (2, 7, IN)) * SPREAD
     per_token = QuantConfig(format="int8", granularity="channel", axis=-1)
     np.testing.assert_array_equal(np.asarray(act(x)), np.asarray(fake_quant(x, per_token)))
-    assert quantize_layer(W, LayerStats(), ZeroQuantV2Config(group_size=32, act_bits=16)).act is None
+    weight_only = ZeroQuantV2Config(group_size=32, act_bits=16)
+    assert quantize_layer(W, LayerStats(), weight_only).act is None
 
 
 def test_bad_input():
