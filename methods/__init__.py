@@ -15,6 +15,9 @@ from methods import (
     smoothquant_plus,  # noqa: F401
     spqr,  # noqa: F401
     squeezellm,  # noqa: F401
+    zeroquant_4p2,  # noqa: F401
+    zeroquant_fp,  # noqa: F401
+    zeroquant_v2,  # noqa: F401
 )
 from methods.base import REGISTRY, LayerResult, LayerStats, Method, QuantizedModel, get_method
 

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt8
 
+from numerics.lowrank import LowRankCorrected
+from numerics.mixed import RowMixed
 from numerics.packing import array_bits
 from numerics.packing import bits_per_weight as _bits_per_weight
 from numerics.qarray import QArray
@@ -183,7 +185,9 @@ jax.tree_util.register_dataclass(LUTWeight)
 
 # --------------------------------------------------------------------------- the protocol's helpers
 
-LEAF_TYPES: tuple[type, ...] = (QArray, DenseSparse, ScaledQArray, LUTWeight)
+LEAF_TYPES: tuple[type, ...] = (
+    QArray, DenseSparse, ScaledQArray, LUTWeight, RowMixed, LowRankCorrected
+)  # fmt: skip
 
 
 def is_weight_leaf(x: Any) -> bool:

@@ -143,3 +143,45 @@ def bits_per_weight(leaf, *, n_outliers: int = 0, bits_per_outlier: int = 32) ->
         )
     parts = leaf.storage_bits()
     return (sum(parts.values()) + n_outliers * bits_per_outlier) / math.prod(leaf.shape)
+
+
+# --------------------------------------------------------------------------- bit planes
+
+
+def _check_parts(parts: tuple[int, ...]) -> int:
+    if not parts or any(not isinstance(p, int) or p < 1 for p in parts) or sum(parts) > 8:
+        raise ValueError(f"parts must be positive ints summing to at most 8, got {parts!r}")
+    return sum(parts)
+
+
+def pack_planes(
+    codes: Array, parts: tuple[int, ...], *, axis: int = -1, word_bits: int = 32
+) -> tuple[Array, ...]:
+    """Split ``sum(parts)``-bit codes into bit fields, most significant first, and ``pack``
+    each field on its own (ZeroQuant(4+2), arXiv 2312.08583: a 6-bit code stored as a 4-bit
+    and a 2-bit plane, ``parts=(4, 2)``, so every plane's words hold a power-of-two number of
+    codes). Lossless: :func:`unpack_planes` inverts it."""
+    total = _check_parts(parts)
+    if codes.dtype != jnp.uint8:
+        raise TypeError(f"pack_planes: codes must be uint8, got {codes.dtype}")
+    out, shift = [], total
+    for p in parts:
+        shift -= p
+        field = (codes >> jnp.uint8(shift)) & jnp.uint8(2**p - 1)
+        out.append(pack(field, p, axis=axis, word_bits=word_bits))
+    return tuple(out)
+
+
+def unpack_planes(
+    planes: tuple[Array, ...], parts: tuple[int, ...], *, axis: int = -1, length: int
+) -> Array:
+    """Inverse of :func:`pack_planes`: the uint8 codes, ``length`` of them along ``axis``."""
+    total = _check_parts(parts)
+    if len(planes) != len(parts):
+        raise ValueError(f"unpack_planes: {len(planes)} planes for {len(parts)} parts")
+    codes, shift = None, total
+    for words, p in zip(planes, parts, strict=True):
+        shift -= p
+        field = unpack(words, p, axis=axis, length=length) << jnp.uint8(shift)
+        codes = field if codes is None else codes | field
+    return codes

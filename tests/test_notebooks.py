@@ -312,3 +312,60 @@ def check_smoothquant_plus(g: dict) -> None:
 
 
 CHECKS |= {"dgq": check_dgq, "mixllm": check_mixllm, "smoothquant_plus": check_smoothquant_plus}
+
+
+# SmolLM2's seven linears per block: outputs and inputs, 3,538,944 weights (the 2-block cut: x2).
+_SMOL_OUT = (576, 192, 192, 576, 1536, 1536, 576)
+_SMOL_IN = (576, 576, 576, 576, 576, 576, 1536)
+_SMOL_W = sum(o * i for o, i in zip(_SMOL_OUT, _SMOL_IN, strict=True))
+_SMOL_G128 = 5 * 4608 + 12 * 576  # g128 groups per block (576 = 4 x 128 + a ragged 64)
+
+
+def _variant_bpw(g: dict) -> dict[str, float]:
+    got = {r.notes["variant"] for r in g["ROWS"]}
+    assert got == {"fp"} | set(g["VARIANTS"]), got
+    for r in g["ROWS"]:
+        assert math.isfinite(r.value) and r.value > 1
+    return {r.notes["variant"]: r.notes["bpw"] for r in g["ROWS"] if r.method != "fp"}
+
+
+def check_zeroquant_v2(g: dict) -> None:
+    """LoRC's extra bits are exactly its factors: per linear Û (out x 8 codes of 8 bits + an
+    fp16 scale a row) and V̂ (8 x in codes + 8 fp16 scales); the dense part is INT4 g128 with
+    4-bit zero points; activations are 8-bit."""
+    bpw = _variant_bpw(g)
+    lorc = sum(
+        o * (8 * 8 + 16) + 8 * (8 * i + 16) for o, i in zip(_SMOL_OUT, _SMOL_IN, strict=True)
+    )
+    plain = 4 + (16 + 4) * _SMOL_G128 / _SMOL_W
+    assert bpw["W4A8 g128"] == pytest.approx(plain, abs=1e-9)
+    assert bpw["W4A8 g128 + LoRC"] == pytest.approx(plain + lorc / _SMOL_W, abs=1e-9)
+    assert all(r.notes["bpa"] == 8 for r in g["ROWS"] if r.method != "fp")
+
+
+def check_zeroquant_fp(g: dict) -> None:
+    """INT4 weights carry 4-bit zero points, FP4 ones only fp16 scales, whatever the scale
+    constraint; every variant quantizes activations to 8 bits."""
+    bpw = _variant_bpw(g)
+    for v, b in bpw.items():
+        zero = 4 if v.startswith("INT4") else 0
+        assert b == pytest.approx(4 + (16 + zero) * _SMOL_G128 / _SMOL_W, abs=1e-9), (v, b)
+    assert all(r.notes["bpa"] == 8 for r in g["ROWS"] if r.method != "fp")
+
+
+def check_zeroquant_4p2(g: dict) -> None:
+    """The 4+2 planes of a real FP6 weight round-trip bit for bit and hold exactly 6 code bits
+    per weight (576 inputs = 72 words of 4 bits + 36 of 2 bits per row); per channel, FP6
+    costs 6 bits + one fp16 scale per row, INT6 RTN also a 6-bit zero point."""
+    assert g["ROUNDTRIP_OK"] is True and g["PLANE_BITS"] == 6.0
+    bpw = _variant_bpw(g)
+    rows = sum(_SMOL_OUT)
+    assert bpw["FP6 E3M2 per-channel"] == pytest.approx(6 + 16 * rows / _SMOL_W, abs=1e-9)
+    assert bpw["INT6 RTN per-channel"] == pytest.approx(6 + 22 * rows / _SMOL_W, abs=1e-9)
+
+
+CHECKS |= {
+    "zeroquant_v2": check_zeroquant_v2,
+    "zeroquant_fp": check_zeroquant_fp,
+    "zeroquant_4p2": check_zeroquant_4p2,
+}

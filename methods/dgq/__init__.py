@@ -4,7 +4,7 @@
    (``harness.model.ADAPTERS``) are captured on the full-precision model
    (:func:`input_absmax`);
 2. with ``smooth`` the percentile clipping scales (``core.percentile_smoothing``) are folded
-   into the block params (``methods.awq.fold_scales``: RMSNorm for q/k/v and gate/up, up_proj's
+   into the block params (``harness.structure.fold_scale``: RMSNorm for q/k/v and gate/up, up_proj's
    rows for down_proj; o_proj is left alone when it cannot be folded, grouped-query attention);
 3. the smoothed model is quantized block by block (``methods.walk.quantize_sequential``, true
    sequential) with the per-linear two-phase search (``core.quantize_layer``), which returns
@@ -19,7 +19,7 @@ from typing import Any
 from harness import capture
 from harness import stats as statistics
 from harness.model import ADAPTERS, ModelConfig, get_param
-from methods.awq import fold_scales
+from harness.structure import fold_scale
 from methods.base import Method, QuantizedModel, register
 from methods.dgq.core import DGQConfig, percentile_smoothing, quantize_layer
 from methods.walk import layer_stats, quantize_sequential
@@ -66,7 +66,7 @@ def smooth_params(params: Any, model_cfg: ModelConfig, absmax: dict[str, Any], t
         for g in ADAPTERS[model_cfg.family]:
             if _foldable(bp, g):
                 s = percentile_smoothing(absmax[f"blocks.{i}.{g.names[0]}"], top)
-                bp = fold_scales(bp, g, s)
+                bp = fold_scale(bp, g, s)
         blocks[i] = bp
     return {**params, "blocks": blocks}
 

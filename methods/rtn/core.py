@@ -27,7 +27,7 @@ class RTNConfig:
     ragged: bool = False  # allow a shorter last group when group_size does not divide in-features
 
     def __post_init__(self):
-        check_bits(self.bits, (2, 3, 4, 8) if self.sym else (1, 2, 3, 4, 8), "RTN")
+        check_bits(self.bits, (2, 3, 4, 6, 8) if self.sym else (1, 2, 3, 4, 6, 8), "RTN")
         check_group(self.group_size, "RTN")
 
     def quant_config(self) -> QuantConfig:

@@ -7,7 +7,7 @@ model) records each linear's per-channel ``max|X_j|`` (``act_absmax``). Per bloc
 1. ``smoothquant`` only: for each group of ``harness.model.ADAPTERS`` with a preceding norm
    (q/k/v after ``attn_norm``, gate/up after ``mlp_norm``; o and down are not smoothed, as in
    the reference's LLaMA branch) ``s`` = eq. 4 (``core.smoothing_scales``) is folded into the
-   norm and the weights (``methods.awq.fold_scales``); that group's input statistic becomes
+   norm and the weights (``harness.structure.fold_scale``); that group's input statistic becomes
    ``max|X_j| / s_j``;
 2. every block linear is quantized by ``core.quantize_layer`` (INT weights + the input's
    quantizer at the config's level), the quantizers go into the result's ``Hooks.act_quant``.
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from harness import capture
 from harness import stats as statistics
 from harness.model import ADAPTERS, ModelConfig, get_param, set_param
-from methods.awq import fold_scales
+from harness.structure import fold_scale
 from methods.base import LayerStats, Method, QuantizedModel, register
 from methods.hooks import act_hooks
 from methods.smoothquant import core
@@ -61,7 +61,7 @@ def smooth_block(
             continue
         lead = group.names[0]
         s = core.smoothing_scales(absmax[lead], [get_param(bp, n) for n in group.names], alpha)
-        bp = fold_scales(bp, group, s)
+        bp = fold_scale(bp, group, s)
         for n in group.names:
             absmax[n] = jnp.asarray(absmax[n], jnp.float32) / s
         scales[lead] = s

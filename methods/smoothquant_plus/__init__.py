@@ -3,7 +3,7 @@
 1. max|X_j| of every input group (``harness.model.ADAPTERS``) on the float model
    (``methods.dgq.input_absmax``);
 2. for each α of the grid: smoothing scales ``core.smoothing_scales`` folded into every
-   foldable group (``methods.awq.fold_scales``), every block linear RTN-quantized (INT4 g128),
+   foldable group (``harness.structure.fold_scale``), every block linear RTN-quantized (INT4 g128),
    and the mean squared logit error against the float model on the first ``search_seqs``
    calibration sequences;
 3. the best α's smoothed and quantized model is the result (weight-only: no hooks).
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from harness.model import ADAPTERS, Model, ModelConfig, get_param, set_param
-from methods.awq import fold_scales
+from harness.structure import fold_scale
 from methods.base import Method, QuantizedModel, register
 from methods.dgq import input_absmax
 from methods.smoothquant_plus.core import (
@@ -50,7 +50,7 @@ def smooth_model(params: Any, model_cfg: ModelConfig, absmax: dict[str, Any], al
             if _foldable(bp, g):
                 w = column_absmax(*(get_param(bp, n) for n in g.names))
                 s = smoothing_scales(absmax[f"blocks.{i}.{g.names[0]}"], w, alpha)
-                bp = fold_scales(bp, g, s.astype(jnp.float16).astype(jnp.float32))
+                bp = fold_scale(bp, g, s.astype(jnp.float16).astype(jnp.float32))
         blocks[i] = bp
     return {**params, "blocks": blocks}
 
