@@ -130,9 +130,10 @@ def walk_blocks(
     return quantized_model(params, {**params, "blocks": blocks}, report, t0)
 
 
-def layer_stats(state: Mapping[str, Any], fisher: Any = None) -> LayerStats:
-    """``LayerStats`` from one linear's accumulator states (keyed by ``harness.stats`` names)."""
-    return LayerStats(**statistics.values(dict(state)), fisher=fisher)
+def layer_stats(state: Mapping[str, Any], **extra: Any) -> LayerStats:
+    """``LayerStats`` from one linear's accumulator states (keyed by ``harness.stats`` names)
+    and ``extra`` statistics given by value (``fisher=F``)."""
+    return LayerStats(**statistics.values(dict(state)), **extra)
 
 
 def quantize_sequential(
@@ -154,9 +155,11 @@ def quantize_sequential(
     """Quantize every block linear of ``params`` with ``layer_fn`` (see the module docstring).
 
     ``extra_stats`` maps full linear names (``blocks.3.mlp.up_proj``) to extra statistics
-    computed outside the walk (e.g. SqueezeLLM's Fisher information: ``{"fisher": F}``).
-    ``checkpoint_dir``: save each finished block there and resume from the finished ones.
-    ``on_block_done(i)`` is called after block ``i`` is quantized (and saved)."""
+    computed outside the walk, by ``harness.stats`` name (SqueezeLLM's Fisher information
+    ``{"fisher": F}``, SmoothQuant's smoothed ``{"act_absmax": m}``). A result whose cores
+    returned activation quantizers gets them as its hooks and ``cfg.act_bits`` as its bits per
+    activation. ``checkpoint_dir``: save each finished block there and resume from the finished
+    ones. ``on_block_done(i)`` is called after block ``i`` is quantized (and saved)."""
     accs, _ = statistics.plan(tuple(needs))
     act: dict[str, Any] = {}
     table = structure.groups(model_cfg.family)
@@ -178,7 +181,7 @@ def quantize_sequential(
             for rel in names:
                 name = f"blocks.{i}.{rel}"
                 W = get_param(bp, rel)
-                stats = layer_stats(calib[rel] if accs else {}, extra.get(name, {}).get("fisher"))
+                stats = layer_stats(calib[rel] if accs else {}, **extra.get(name, {}))
                 # the linear's place in the whole walk: resumed blocks hold per_block rows each
                 key = jax.random.fold_in(jax.random.key(seed), i * per_block + len(rows))
                 t = time.perf_counter()
@@ -222,7 +225,10 @@ def quantize_sequential(
             "resumed blocks carry no activation quantizers (checkpoints hold weights only): "
             "a weight+activation method cannot resume from checkpoint_dir; start a new one"
         )
-    return dataclasses.replace(result, hooks=act_hooks(act)) if act else result
+    if not act:
+        return result
+    bpa = min(float(getattr(cfg, "act_bits", 16)), 16.0)
+    return dataclasses.replace(result, hooks=act_hooks(act), bits_per_activation=bpa)
 
 
 def quantized_model(

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from harness import capture
@@ -78,12 +77,10 @@ def quantize_model(
     if cfg.smooth:
         absmax = input_absmax(params, model_cfg, calib_tokens, batch_size=batch_size)
         params = smooth_params(params, model_cfg, absmax, cfg.smooth_top)
-    q = quantize_sequential(
+    return quantize_sequential(
         params, model_cfg, calib_tokens, quantize_layer, cfg, needs=("H", "X"),
         batch_size=batch_size, **kw,
     )  # fmt: skip
-    bpa = float(cfg.act_bits) if cfg.act_bits < 16 else 16.0
-    return dataclasses.replace(q, bits_per_activation=bpa)
 
 
 METHOD = register(

@@ -9,7 +9,6 @@ with ``outliers=True`` the calibration inputs are captured (one capture per bloc
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from harness.model import ModelConfig
@@ -31,7 +30,7 @@ def quantize_model(
     outliers: bool = False,
     **kw: Any,
 ) -> QuantizedModel:
-    q = quantize_sequential(
+    return quantize_sequential(
         params,
         model_cfg,
         calib_tokens,
@@ -43,7 +42,6 @@ def quantize_model(
         progress=progress,
         **kw,
     )
-    return dataclasses.replace(q, bits_per_activation=float(cfg.act_bits))
 
 
 METHOD = register(

@@ -51,12 +51,10 @@ def quantize_model(
         S.append(np.asarray(salience(W, fisher[n], cfg)))
         widths.append(int(W.shape[1]))
     tau = global_threshold(S, widths, cfg.high_frac)
-    q = quantize_sequential(
+    return quantize_sequential(
         params, model_cfg, calib_tokens, quantize_layer, dataclasses.replace(cfg, threshold=tau),
         needs=(), extra_stats={n: {"fisher": fisher[n]} for n in names}, **kw,
     )  # fmt: skip
-    bpa = float(cfg.act_bits) if cfg.act_bits < 16 else 16.0
-    return dataclasses.replace(q, bits_per_activation=bpa)
 
 
 METHOD = register(

@@ -49,8 +49,7 @@ def quantize_layer(
 
 
 def quantize_model(params, model_cfg, calib_tokens, cfg: RTNActConfig, **kw):
-    q = quantize_sequential(params, model_cfg, calib_tokens, quantize_layer, cfg, needs=(), **kw)
-    return dataclasses.replace(q, bits_per_activation=float(cfg.act_bits))
+    return quantize_sequential(params, model_cfg, calib_tokens, quantize_layer, cfg, needs=(), **kw)
 
 
 METHOD = register(

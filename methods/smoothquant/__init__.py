@@ -23,19 +23,16 @@ import dataclasses
 import time
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from harness import capture
 from harness import stats as statistics
-from harness.model import ADAPTERS, ModelConfig, get_param, set_param
+from harness.model import ADAPTERS, ModelConfig, get_param
 from harness.structure import fold_scale
-from methods.base import LayerStats, Method, QuantizedModel, register
-from methods.hooks import act_hooks
+from methods.base import Method, QuantizedModel, register
 from methods.smoothquant import core
 from methods.smoothquant.core import SmoothQuantConfig, W8A8Config, quantize_layer
-from methods.walk import layer_stats, quantized_model
-from numerics.sparse import weight_bits
+from methods.walk import layer_stats, quantize_sequential
 
 __all__ = [
     "SmoothQuantConfig",
@@ -97,36 +94,23 @@ def quantize_from_stats(
     params: Any, model_cfg: ModelConfig, act_absmax: dict[str, Any], cfg: W8A8Config
 ) -> QuantizedModel:
     """Smooth (``SmoothQuantConfig``) and quantize every block with the fp inputs' statistics
-    ``act_absmax`` (:func:`calibrate`); one calibration serves any α or level."""
-    t0 = time.perf_counter()
+    ``act_absmax`` (:func:`calibrate`); one calibration serves any α or level. The per-linear
+    walk (data-free: the statistics are given) quantizes the smoothed params."""
     smooth = isinstance(cfg, SmoothQuantConfig)
-    groups = ADAPTERS[model_cfg.family]
-    report: list[dict[str, Any]] = []
-    acts: dict[str, Any] = {}
-    blocks = []
-    for i in range(model_cfg.n_layers):
-        bp = params["blocks"][i]
-        absmax = {n: act_absmax[f"blocks.{i}.{n}"] for g in groups for n in g.names}
-        bq, scales = bp, {}
-        if smooth:
-            bq, absmax, scales = smooth_block(bp, absmax, cfg.alpha, model_cfg.family)
-        for g in groups:
-            for n in g.names:
-                t = time.perf_counter()
-                res = quantize_layer(get_param(bq, n), LayerStats(act_absmax=absmax[n]), cfg)
-                jax.block_until_ready(res.weight)
-                row = {"name": f"blocks.{i}.{n}", "bits": weight_bits(res.weight)}
-                row["smoothed"] = smooth and g.names[0] in scales
-                row["act_absmax"] = float(jnp.max(absmax[n]))
-                row["seconds"] = time.perf_counter() - t
-                report.append(row)
-                bq = set_param(bq, n, res.weight)
-                if res.act is not None:
-                    acts[f"blocks.{i}.{n}"] = res.act
-        blocks.append(bq)
-    new = {**params, "blocks": blocks}
-    q = quantized_model(params, new, report, t0, hooks=act_hooks(acts))
-    return dataclasses.replace(q, bits_per_activation=float(cfg.act_bits))
+    absmax, smoothed, blocks = dict(act_absmax), set(), list(params["blocks"])
+    table = ADAPTERS[model_cfg.family]
+    for i in range(model_cfg.n_layers) if smooth else ():
+        rel = {n: act_absmax[f"blocks.{i}.{n}"] for g in table for n in g.names}
+        blocks[i], rel, scales = smooth_block(blocks[i], rel, cfg.alpha, model_cfg.family)
+        absmax |= {f"blocks.{i}.{n}": m for n, m in rel.items()}
+        groups = [g for g in table if g.names[0] in scales]
+        smoothed |= {f"blocks.{i}.{n}" for g in groups for n in g.names}
+    q = quantize_sequential(
+        {**params, "blocks": blocks}, model_cfg, None, quantize_layer, cfg, needs=(),
+        extra_stats={n: {"act_absmax": m} for n, m in absmax.items()},
+    )  # fmt: skip
+    report = [r | {"smoothed": r["name"] in smoothed} for r in q.report]
+    return dataclasses.replace(q, report=report)
 
 
 def quantize_model(

@@ -1,7 +1,5 @@
 """ZeroQuant-FP (arXiv 2307.09782): FP8 E4M3 activations with INT4 / FP4 weights."""
 
-import dataclasses
-
 from methods.base import Method, register
 from methods.walk import quantize_sequential
 from methods.zeroquant_fp.core import ZeroQuantFPConfig, quantize_layer
@@ -9,8 +7,7 @@ from methods.zeroquant_fp.core import ZeroQuantFPConfig, quantize_layer
 
 def quantize_model(params, model_cfg, calib_tokens, cfg: ZeroQuantFPConfig, **kw):
     """Data-free (RTN weights, dynamic activations): the walk runs no calibration forward."""
-    q = quantize_sequential(params, model_cfg, calib_tokens, quantize_layer, cfg, needs=(), **kw)
-    return dataclasses.replace(q, bits_per_activation=float(cfg.act_bits))
+    return quantize_sequential(params, model_cfg, calib_tokens, quantize_layer, cfg, needs=(), **kw)
 
 
 METHOD = register(

@@ -1,7 +1,5 @@
 """ZeroQuant-V2 (arXiv 2303.08302): fine-grained W4A8 with LoRC low-rank error compensation."""
 
-import dataclasses
-
 from methods.base import Method, register
 from methods.walk import quantize_sequential
 from methods.zeroquant_v2.core import ZeroQuantV2Config, quantize_layer
@@ -9,8 +7,7 @@ from methods.zeroquant_v2.core import ZeroQuantV2Config, quantize_layer
 
 def quantize_model(params, model_cfg, calib_tokens, cfg: ZeroQuantV2Config, **kw):
     """Data-free (RTN weights, dynamic activations): the walk runs no calibration forward."""
-    q = quantize_sequential(params, model_cfg, calib_tokens, quantize_layer, cfg, needs=(), **kw)
-    return dataclasses.replace(q, bits_per_activation=float(cfg.act_bits))
+    return quantize_sequential(params, model_cfg, calib_tokens, quantize_layer, cfg, needs=(), **kw)
 
 
 METHOD = register(
