@@ -229,7 +229,7 @@ def block_stats(
     spec = tuple((ld, accs) for ld, accs in spec if accs)
     if not spec:
         return {}
-    dims = structure.input_dims(model.cfg)
+    dims = structure.capture_dims(model.cfg)
     states = {ld: {k: acc.init(dims[ld]) for k, acc in accs} for ld, accs in spec}
     step = _stats_step(model, shared_layer(model, i), spec)
     for sl in _batches(inputs.shape[0], batch_size):

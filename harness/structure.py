@@ -167,10 +167,14 @@ OUTPUT_SITE = "block.output"  # the block's output hidden states [b, t, d]
 
 
 def input_dims(cfg: ModelConfig) -> dict[str, int]:
-    """Width of what each capture name records: the block linears' inputs (block-relative
-    names), the keys / values (``KV_SITES``) and the block output (``OUTPUT_SITE``)."""
-    dims = {n: g.width(cfg) for g in groups(cfg.family) for n in g.names}
-    dims |= {site: cfg.n_kv_heads * cfg.head_dim for site in KV_SITES}
+    """Input width of each block linear (block-relative names)."""
+    return {n: g.width(cfg) for g in groups(cfg.family) for n in g.names}
+
+
+def capture_dims(cfg: ModelConfig) -> dict[str, int]:
+    """Width of what each capture name records: the linears' inputs (:func:`input_dims`), the
+    keys / values (``KV_SITES``: ``n_kv_heads · head_dim``) and the block output (``d_model``)."""
+    dims = input_dims(cfg) | {site: cfg.n_kv_heads * cfg.head_dim for site in KV_SITES}
     return dims | {OUTPUT_SITE: cfg.d_model}
 
 

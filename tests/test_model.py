@@ -16,6 +16,8 @@ from harness.layers import Hooks, apply_rope, causal_attention, linear, rope_fre
 from harness.model import (
     ADAPTERS,
     BLOCK_LINEARS,
+    KV_SITES,
+    OUTPUT_SITE,
     Model,
     ModelConfig,
     cast_params,
@@ -438,6 +440,13 @@ def test_capture_mode_returns_each_linear_input(setup):
     np.testing.assert_allclose(
         np.asarray(out), np.asarray(model.apply_block(p["blocks"][0], 0, h)), rtol=1e-6
     )
-    assert set(ins) == set(BLOCK_LINEARS)
+    assert set(ins) == set(BLOCK_LINEARS) | set(KV_SITES) | {OUTPUT_SITE}
     np.testing.assert_array_equal(np.asarray(ins["attn.q_proj"]), np.asarray(ins["attn.v_proj"]))
     assert ins["mlp.down_proj"].shape == (B, T, cfg.d_ff)
+    kv = cfg.n_kv_heads * cfg.head_dim
+    assert all(ins[s].shape == (B, T, kv) for s in KV_SITES)
+    np.testing.assert_array_equal(np.asarray(ins[OUTPUT_SITE]), np.asarray(out))
+    # the values are v_proj's output; the keys before RoPE are k_proj's (after q/k norm)
+    v = np.asarray(ins["attn.v_proj"]) @ np.asarray(p["blocks"][0]["attn"]["v_proj"]).T
+    np.testing.assert_allclose(np.asarray(ins["attn.v"]), v, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.asarray(ins["attn.k"]), np.asarray(ins["attn.k_pre_rope"]))
