@@ -17,7 +17,6 @@ counted at their dtype's width).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from numerics.config import QuantConfig
-from numerics.packing import bits_per_weight as _qa_bits
+from numerics.packing import array_bits, bits_per_weight, storage_bits
 from numerics.qarray import QArray
 from numerics.quantize import quantize
 from numerics.transforms import low_rank_compensation
@@ -35,11 +34,9 @@ def _dense(x: Any) -> Array:
     return x.dequantize(jnp.float32) if isinstance(x, QArray) else x.astype(jnp.float32)
 
 
-def _bits(x: Any) -> float:
-    """Total stored bits of one part (a QArray, or a float array at its dtype's width)."""
-    if isinstance(x, QArray):
-        return _qa_bits(x) * x.size
-    return float(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize * 8)
+def _bits(x: Any) -> int:
+    """Total stored bits of one factor (a QArray's parts, or a float array at its width)."""
+    return sum(storage_bits(x).values()) if isinstance(x, QArray) else array_bits(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +63,13 @@ class LowRankCorrected:
         w = self.dense.dequantize(jnp.float32) + _dense(self.U) @ _dense(self.V)
         return w.astype(dt)
 
+    def storage_bits(self) -> dict[str, int]:
+        """Ŵ's parts (codes, scales, zeros) and the two factors' bits."""
+        return self.dense.storage_bits() | {"low_rank": _bits(self.U) + _bits(self.V)}
+
     def bits_per_weight(self) -> float:
         """(bits of Ŵ + bits of Û + bits of V̂) / elements of W."""
-        return (_bits(self.dense) + _bits(self.U) + _bits(self.V)) / self.dense.size
+        return bits_per_weight(self)
 
 
 jax.tree_util.register_dataclass(LowRankCorrected)

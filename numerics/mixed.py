@@ -12,13 +12,12 @@ at 8 bits counts 8 per weight plus its scale) plus ``index_bits`` per high row f
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from numerics.packing import storage_bits
+from numerics.packing import bits_per_weight, storage_bits
 from numerics.qarray import QArray
 
 
@@ -54,12 +53,14 @@ class RowMixed:
                 w = w.at[rows].set(part.dequantize(jnp.float32))
         return w.astype(dt)
 
+    def storage_bits(self) -> dict[str, int]:
+        """Each part's stored bits (codes + scales + zeros) and the high rows' indices."""
+        parts = {"low": self.low, "high": self.high}
+        out = {k: sum(storage_bits(q).values()) for k, q in parts.items() if q is not None}
+        return out | {"row_indices": self.n_high * self.index_bits}
+
     def bits_per_weight(self) -> float:
-        total = self.n_high * self.index_bits
-        for part in (self.low, self.high):
-            if part is not None:
-                total += sum(storage_bits(part).values())
-        return total / math.prod(self.shape)
+        return bits_per_weight(self)
 
 
 jax.tree_util.register_dataclass(RowMixed)
