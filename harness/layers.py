@@ -8,9 +8,9 @@
   - ``matmul(name, x, w_leaf) -> y``: replace the matmul itself; receives the *raw* weight leaf
     (a float array or a quantized object, e.g. the numerics core's ``QArray``), so a Pallas
     kernel can consume packed codes directly;
-  - ``kv_quant(layer, k, v) -> (k, v)``: quantize the attention keys/values of block ``layer``
-    (``[B, T, n_kv_heads, head_dim]``); ``kv_quant_pre_rope`` says whether keys are quantized
-    before RoPE (KVQuant, arXiv:2401.18079 §3.2) or after it (the usual KV-cache position).
+  - ``kv_quant``: a ``harness.kvcache.KVQuant`` — how keys and values are stored in the cache
+    (key / value codecs, the full-precision window and sink tokens, keys before or after RoPE).
+    Scoring a window and decoding token by token (``harness.decode``) both read it.
 
 * :func:`linear` — ``y = x @ W.T (+ b)`` with ``W`` stored ``[out, in]`` (the paper / GGUF
   convention). ``W`` may be a float array or *any* object with a ``.dequantize()`` method
@@ -46,8 +46,7 @@ class Hooks:
 
     act_quant: Callable[[str, Array], Array] | None = None  # (name, x) -> x before the matmul
     matmul: Callable[[str, Array, Any], Array] | None = None  # (name, x, raw weight leaf) -> y
-    kv_quant: Callable[[int, Array, Array], tuple[Array, Array]] | None = None  # (layer, k, v)
-    kv_quant_pre_rope: bool = False  # True: keys reach kv_quant before RoPE; False: after RoPE
+    kv_quant: Any = None  # harness.kvcache.KVQuant: the KV cache's codecs and windows
 
 
 NO_HOOKS = Hooks()

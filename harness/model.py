@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from harness import kvcache
 from harness.layers import (
     NO_HOOKS,
     Hooks,
@@ -255,10 +256,14 @@ class Attention(_Seamed):
         x: Float[Array, "b t d"],
         positions: Int[Array, "b t"] | None,
         mix: Array | None = None,
-    ) -> Array:
+        cache: dict | None = None,
+    ):
         """``positions=None``: tokens in order (``pos_t = t``), the fast attention path.
         ``mix``: the heads' attention output (o_proj's input) computed earlier with the same
-        q/k/v weights — then only o_proj runs (calibration reuses it; see ``apply_block``)."""
+        q/k/v weights — then only o_proj runs (calibration reuses it; see ``apply_block``).
+        ``cache``: decoding (``harness.decode``), ``{"layer": this layer's cache, "position":
+        p}``. ``p=None``: the ``t`` tokens are the prompt, written into the empty cache;
+        otherwise one token at position ``p`` (traced int32). Returns ``(output, cache)``."""
         c, hk = self.cfg, self.hooks
         B, T, _ = x.shape
         if mix is not None:
@@ -274,17 +279,47 @@ class Attention(_Seamed):
             k = self._norm("k_norm", k)
         self._sow_kv("k_pre_rope", k)  # the capture sites (harness.stats), before kv_quant
         self._sow_kv("v", v)
-        if hk.kv_quant is not None and hk.kv_quant_pre_rope:
-            k, v = hk.kv_quant(self.layer, k, v)
+        kvq = kvcache.FULL if hk.kv_quant is None else kvcache.check_kv_quant(hk.kv_quant)
         inv_freq = c.rope_inv_freq(self.layer)
-        rope_pos = default_positions(x) if positions is None else positions
-        q = apply_rope(q, rope_pos, inv_freq)
-        k = apply_rope(k, rope_pos, inv_freq)
-        self._sow_kv("k", k)
-        if hk.kv_quant is not None and not hk.kv_quant_pre_rope:
-            k, v = hk.kv_quant(self.layer, k, v)
-        o = causal_attention(q, k, v, positions, scale=c.scale, window=c.window(self.layer))
-        return self._lin("o_proj", o.reshape(B, T, c.n_heads * c.head_dim), c.d_model)
+        rope = lambda a, pos: apply_rope(a, pos, inv_freq)
+        window = c.window(self.layer)
+        L = None if cache is None else cache["position"]  # None: no step (scoring / prompt)
+        if L is not None:  # one decoding step
+            rope_pos = jnp.broadcast_to(L, (B, 1)).astype(jnp.int32)
+        else:
+            rope_pos = default_positions(x) if positions is None else positions
+        k_rot = rope(k, rope_pos)
+        q = rope(q, rope_pos)
+        self._sow_kv("k", k_rot)
+        k_src = k if kvq.pre_rope else k_rot  # what the key codec stores
+        if L is not None:
+            layer_cache = kvcache.write_token(kvq, self.layer, cache["layer"], k_src, v, L)
+            K, V = kvcache.read(kvq, self.layer, layer_cache, L + 1)
+            if kvq.pre_rope:
+                K = rope(K, default_positions(K))
+            o = kvcache.decode_attention(q, K, V, L + 1, scale=c.scale, window=window)
+            return self._lin("o_proj", o.reshape(B, T, -1), c.d_model), layer_cache
+        if hk.kv_quant is None:
+            o = causal_attention(q, k_rot, v, positions, scale=c.scale, window=window)
+        else:
+            k_hat, v_hat = kvq.key.fake(self.layer, k_src), kvq.value.fake(self.layer, v)
+            if kvq.pre_rope:
+                k_hat = rope(k_hat, rope_pos)
+            if kvq.all_quantized:
+                o = causal_attention(q, k_hat, v_hat, positions, scale=c.scale, window=window)
+            else:
+                if positions is not None:
+                    raise ValueError(
+                        "a KV cache with a full-precision window or sink tokens is scored "
+                        "in order (positions=None)"
+                    )
+                o = kvcache.mixed_attention(
+                    q, k_rot, k_hat, v, v_hat, kvq, scale=c.scale, window=window
+                )
+        out = self._lin("o_proj", o.reshape(B, T, c.n_heads * c.head_dim), c.d_model)
+        if cache is None:
+            return out
+        return out, kvcache.write_prompt(kvq, self.layer, cache["layer"], k_src, v)
 
 
 class MLP(_Seamed):
@@ -312,18 +347,22 @@ class Block(_Seamed):
         positions: Int[Array, "b t"] | None,
         mix: Array | None = None,
         down_in: Array | None = None,
-    ) -> Array:
+        cache: dict | None = None,
+    ):
+        """``cache``: decoding (see :class:`Attention`); returns ``(h, layer cache)`` then."""
         c = self.cfg
         a = Attention(c, self.layer, self.hooks, "attn.", name="attn")(
-            self._norm("attn_norm", h), positions, mix
+            self._norm("attn_norm", h), positions, mix, cache
         )
+        if cache is not None:
+            a, new_cache = a
         if c.post_norms:
             a = self._norm("attn_post_norm", a)
         h = h + a
         m = MLP(c, self.layer, self.hooks, "mlp.", name="mlp")(self._norm("mlp_norm", h), down_in)
         if c.post_norms:
             m = self._norm("mlp_post_norm", m)
-        return h + m
+        return h + m if cache is None else (h + m, new_cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,6 +408,7 @@ class Model:
         capture: bool = False,
         mix: Array | None = None,
         down_in: Array | None = None,
+        cache: dict | None = None,
     ):
         """Block ``i`` on ``h`` with its own params. With ``capture=True`` also returns the input
         of every linear that ran: ``{"attn.q_proj": x, ..., "mlp.down_proj": x}`` (before
@@ -380,8 +420,11 @@ class Model:
         ``down_in`` ``[b, t, d_ff]``: likewise down_proj's input (gate/up and the activation
         are skipped)
         ``positions=None`` (the default) means in order, ``0 … t-1``: the same result as
-        ``default_positions(h)``, through the faster chunked attention."""
+        ``default_positions(h)``, through the faster chunked attention.
+        ``cache``: decoding (``harness.decode``); returns ``(h, layer cache)``."""
         mod = self.block_module(i)
+        if cache is not None:
+            return mod.apply({"params": block_params}, h, None, None, None, cache)
         if not capture:
             return mod.apply({"params": block_params}, h, positions, mix, down_in)
         out, state = mod.apply(

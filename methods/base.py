@@ -105,6 +105,29 @@ class QuantizedModel:
     kv_bits: float = 16.0  # bits per cached key / value element (16: float)
 
 
+REPORT_TOKENS = 2048  # the context at which a KV-cache result states its bits per element
+
+
+def kv_cache_result(
+    params: Any, model_cfg: Any, kvq: Any, *, seconds: float = 0.0, report: list | None = None
+) -> QuantizedModel:
+    """The result of a ``kv_cache`` method: the weights as they are, ``kvq``
+    (``harness.kvcache.KVQuant``) as the hook, and its bits per cache element at
+    :data:`REPORT_TOKENS` tokens (codes, scales, outliers, the full-precision window)."""
+    from harness import kvcache
+
+    kvq = kvcache.check_kv_quant(kvq)
+    n = min(REPORT_TOKENS, model_cfg.max_seq_len)
+    return QuantizedModel(
+        params=params,
+        report=list(report or []),
+        seconds=seconds,
+        bits_per_weight=16.0,
+        hooks=Hooks(kv_quant=kvq),
+        kv_bits=kvq.bits_per_element(n, model_cfg.head_dim),
+    )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Method:
     name: str

@@ -30,6 +30,7 @@ that gain carries over to other text, and which linears carry the end-to-end los
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections import defaultdict
 
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from harness import capture
+from harness import capture, kvcache
 from harness.calibration import c4_calibration
 from harness.data import perplexity_text
 from harness.evaluate import EvalConfig, perplexity_windows
@@ -121,13 +122,16 @@ def logit_error(params, q_params, cfg, H) -> dict[str, list[float]]:
     return out
 
 
-def _sink_values(layer, k, v):
-    """A kv hook: every value vector 0 except position 0's, which is all ones — the attention
-    output then reads, per query and head, the attention weight on position 0."""
-    return k, jnp.zeros_like(v).at[:, 0].set(1.0)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _SinkValues(kvcache.KVCodec):
+    """A scoring-only value codec: every value vector 0 except position 0's, which is all ones
+    — the attention output then reads, per query and head, the attention weight on position 0."""
+
+    def fake(self, layer, x):
+        return jnp.zeros_like(x).at[:, 0].set(1.0)
 
 
-SINK_HOOKS = Hooks(kv_quant=_sink_values)
+SINK_HOOKS = Hooks(kv_quant=kvcache.KVQuant(key=kvcache.Identity(), value=_SinkValues()))
 
 
 def sink_mass(params, cfg, tokens) -> list[float]:

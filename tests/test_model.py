@@ -4,6 +4,7 @@ act_quant / matmul / kv_quant hooks)."""
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harness import kvcache
 from harness.layers import Hooks, apply_rope, causal_attention, linear, rope_frequencies
 from harness.model import (
     ADAPTERS,
@@ -291,25 +293,37 @@ def test_matmul_hook_receives_the_raw_leaf(setup):
     np.testing.assert_allclose(np.asarray(out), np.asarray(fwd(qp, toks)), rtol=1e-5, atol=1e-5)
 
 
+_UIDS = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Record(kvcache.KVCodec):
+    """A scoring-only codec: records what it is given and returns it (or zeros)."""
+
+    log: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+    zero: bool = False
+    uid: int = dataclasses.field(default_factory=lambda: next(_UIDS))  # no jit cache sharing
+
+    def fake(self, layer, x):
+        self.log.append((layer, x))
+        return jnp.zeros_like(x) if self.zero else x
+
+
 @pytest.mark.parametrize("pre_rope", [False, True])
 def test_kv_quant_hook(setup, pre_rope):
     cfg, _, p, fwd = setup
-    calls = []
-
-    def kv(layer, k, v):
-        calls.append((layer, k, v))
-        return k, v
-
+    keys, values = _Record(), _Record()
+    kvq = kvcache.KVQuant(key=keys, value=values, pre_rope=pre_rope)
     toks = tokens(cfg, 8)
-    out = jax.jit(Model(cfg, Hooks(kv_quant=kv, kv_quant_pre_rope=pre_rope)).forward)(p, toks)
-    assert [c[0] for c in calls] == list(range(cfg.n_layers))
-    assert all(c[1].shape == c[2].shape == (B, T, cfg.n_kv_heads, cfg.head_dim) for c in calls)
+    out = jax.jit(Model(cfg, Hooks(kv_quant=kvq)).forward)(p, toks)
+    assert [c[0] for c in keys.log] == [c[0] for c in values.log] == list(range(cfg.n_layers))
+    shape = (B, T, cfg.n_kv_heads, cfg.head_dim)
+    assert all(c[1].shape == shape for c in keys.log + values.log)
     np.testing.assert_allclose(np.asarray(out), np.asarray(fwd(p, toks)), rtol=1e-5, atol=1e-5)
-    if pre_rope:  # what the hook returns is what attention uses
-        zero_v = Hooks(
-            kv_quant=lambda layer, k, v: (k, jnp.zeros_like(v)), kv_quant_pre_rope=pre_rope
-        )
-        assert float(jnp.max(jnp.abs(jax.jit(Model(cfg, zero_v).forward)(p, toks) - out))) > 1e-3
+    # what the codec returns is what attention uses
+    zero_v = kvcache.KVQuant(key=_Record(), value=_Record(zero=True), pre_rope=pre_rope)
+    changed = jax.jit(Model(cfg, Hooks(kv_quant=zero_v)).forward)(p, toks) - out
+    assert float(jnp.max(jnp.abs(changed))) > 1e-3
 
 
 def test_kv_hook_pre_rope_keys_rotate_into_post_rope_keys(setup):
@@ -317,18 +331,20 @@ def test_kv_hook_pre_rope_keys_rotate_into_post_rope_keys(setup):
     h = model.embed(p, tokens(cfg, 9))
     got = {}
     for pre in (False, True):
-
-        def record(layer, k, v, pre=pre):
-            got[pre] = k
-            return k, v
-
-        Model(cfg, Hooks(kv_quant=record, kv_quant_pre_rope=pre)).apply_block(
-            p["blocks"][0], 0, h
-        )  # eager
+        keys = _Record()
+        kvq = kvcache.KVQuant(key=keys, value=kvcache.Identity(), pre_rope=pre)
+        Model(cfg, Hooks(kv_quant=kvq)).apply_block(p["blocks"][0], 0, h)  # eager
+        got[pre] = keys.log[0][1]
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
     rotated = apply_rope(got[True], pos, cfg.rope_inv_freq(0))
     np.testing.assert_allclose(np.asarray(rotated), np.asarray(got[False]), rtol=1e-5, atol=1e-5)
     assert float(jnp.max(jnp.abs(got[True][:, 1:] - got[False][:, 1:]))) > 1e-3
+
+
+def test_kv_quant_hook_must_be_a_policy(setup):
+    cfg, _, p, _ = setup
+    with pytest.raises(TypeError, match="KVQuant"):
+        Model(cfg, Hooks(kv_quant=lambda layer, k, v: (k, v))).forward(p, tokens(cfg, 1))
 
 
 def test_linear_seam_bias_and_shape_errors():

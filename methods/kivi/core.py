@@ -1,0 +1,88 @@
+"""KIVI (arXiv 2402.02750): a tuning-free asymmetric 2-bit KV cache, keys per channel and values
+per token, with a full-precision residual of recent tokens.
+
+Checked against the official repository (github.com/jy-yuan/KIVI, ``quant/new_pack.py`` and
+``models/llama_kivi.py``): keys are grouped along **tokens** — one min / scale per channel for
+each group of ``G`` tokens (the outliers of keys live in fixed channels, §3.2) — and values
+along the **head dimension** — one min / scale per token for each ``G`` channels. Each group is
+min-max asymmetric onto ``0 … 2^b − 1``:
+
+    s = (max − min) / (2^b − 1),   code = round((x − min) / s),   x̂ = code · s + min
+
+(stored here as an integer zero point, ``x̂ = (code − z)·s``, ``z = round(−min / s)``: the
+numerics core's asymmetric grid, which represents 0 exactly.) Scales and zero points are
+fp16 as in the reference.
+
+The residual (§3.3): keys stay full precision until ``R`` of them have gathered and are then
+quantized all at once — a residual of 1 … ``R`` full-precision keys, ``window=1, flush=R`` in
+``harness.kvcache`` terms — and the ``R`` most recent values stay full precision
+(``window=R, flush=1``). The reference's defaults: ``G = 32``, ``R = 128``, 2 bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from harness import kvcache
+from methods.base import check_bits
+from numerics.config import QuantConfig
+from numerics.quantize import quantize
+
+BITS = (2, 3, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KIVIConfig:
+    bits: int = 2  # key and value code bits (KIVI-2; the paper also runs KIVI-4)
+    group: int = 32  # G: tokens per key group, channels per value group
+    residual: int = 128  # R: recent tokens kept in full precision
+
+    def __post_init__(self):
+        check_bits(self.bits, BITS, "KIVI")
+        for f in ("group", "residual"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"KIVI: {f} must be a positive int, got {v!r}")
+        if self.residual % self.group:
+            raise ValueError(
+                f"KIVI: residual {self.residual} must be a multiple of the group {self.group} "
+                "(keys leave the residual in whole groups)"
+            )
+
+
+def _cfg(bits: int, axis: int, group: int) -> QuantConfig:
+    return QuantConfig(format=f"uint{bits}", granularity="group", axis=axis, group_size=group,
+                       zero_point=True, scale_dtype="float16")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChannelKeys(kvcache.KVCodec):
+    """Keys ``[B, G, kv, hd]``: one scale / zero per channel over the chunk's ``G`` tokens."""
+
+    bits: int = 2
+
+    def encode(self, layer, x):
+        return quantize(x, _cfg(self.bits, 1, self.chunk))
+
+    def decode(self, layer, code):
+        return code.dequantize()
+
+    def element_bits(self, head_dim):
+        return self.bits + 2 * 16 / self.chunk
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenValues(kvcache.KVCodec):
+    """Values ``[B, 1, kv, hd]``: one scale / zero per token over each ``group`` channels."""
+
+    bits: int = 2
+    group: int = 32
+
+    def encode(self, layer, x):
+        return quantize(x, _cfg(self.bits, 3, min(self.group, x.shape[3])))
+
+    def decode(self, layer, code):
+        return code.dequantize()
+
+    def element_bits(self, head_dim):
+        return self.bits + 2 * 16 / min(self.group, head_dim)
