@@ -53,9 +53,22 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ENV_VAR", "FILES", "DataFile", "DataFileMissingError", "DataChecksumError",
-    "resolve_data_dir", "data_file", "data_bytes", "wikitext2_text", "ptb_text", "c4_documents",
-    "c4_text", "perplexity_text", "PERPLEXITY_CORPORA", "TASK_NAMES", "load_task_docs",
+    "ENV_VAR",
+    "FILES",
+    "DataFile",
+    "DataFileMissingError",
+    "DataChecksumError",
+    "resolve_data_dir",
+    "data_file",
+    "data_bytes",
+    "wikitext2_text",
+    "ptb_text",
+    "c4_documents",
+    "c4_text",
+    "perplexity_text",
+    "PERPLEXITY_CORPORA",
+    "TASK_NAMES",
+    "load_task_docs",
     "hellaswag_preprocess",
 ]
 
@@ -74,53 +87,79 @@ class DataFile:
 FILES: dict[str, DataFile] = {
     "wikitext-2-raw/wiki.test.raw": DataFile(
         sha256="4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c",
-        rows=2891, what="WikiText-2 raw test split",
-        origin="Tylogi/TyloQuant @ 7989d03 : data/wikitext-2-raw/wiki.test.raw"),
+        rows=2891,
+        what="WikiText-2 raw test split",
+        origin="Tylogi/TyloQuant @ 7989d03 : data/wikitext-2-raw/wiki.test.raw",
+    ),
     "ptb/ptb.test.txt": DataFile(
         sha256="91a2fa938d84baddaa05a3d67a5698924847eca8a4e7faa1518f3fd11c3d6d73",
-        rows=3761, what="Penn Treebank (Mikolov) test",
-        origin="zivaharoni/gradual-learning-rnn @ 2323a3b5 : data/ptb.test.txt"),
+        rows=3761,
+        what="Penn Treebank (Mikolov) test",
+        origin="zivaharoni/gradual-learning-rnn @ 2323a3b5 : data/ptb.test.txt",
+    ),
     "ptb/ptb.valid.txt": DataFile(
         sha256="6d1b028ab2267ddceed1ad3cb67d9aadf438b8c7ed74baf5b1182488f6b18231",
-        rows=3370, what="Penn Treebank (Mikolov) validation",
-        origin="zivaharoni/gradual-learning-rnn @ 2323a3b5 : data/ptb.valid.txt"),
+        rows=3370,
+        what="Penn Treebank (Mikolov) validation",
+        origin="zivaharoni/gradual-learning-rnn @ 2323a3b5 : data/ptb.valid.txt",
+    ),
     "c4/c4_sample.jsonl": DataFile(
         sha256="cdd5b754119131d2934e3e799a059a9d64f53a6aac9e7e2ef79b43120bb01a32",
-        rows=1000, what="1,000 C4 (en) documents",
-        origin=("Diffusion-bachelor/diffusion-data-constraint-rare-events @ 3305ae85 : "
-                "data/c4_sample.jsonl")),
+        rows=1000,
+        what="1,000 C4 (en) documents",
+        origin=(
+            "Diffusion-bachelor/diffusion-data-constraint-rare-events @ 3305ae85 : "
+            "data/c4_sample.jsonl"
+        ),
+    ),
     "lambada/lambada_test.jsonl": DataFile(
         sha256="4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
-        rows=5153, what="LAMBADA test, OpenAI version",
-        origin="Victorwz/VaLM @ 161accd1 : data/lambada/lambada_test.jsonl"),
+        rows=5153,
+        what="LAMBADA test, OpenAI version",
+        origin="Victorwz/VaLM @ 161accd1 : data/lambada/lambada_test.jsonl",
+    ),
     "arc/ARC-Easy-Test.jsonl": DataFile(
         sha256="ce32a0774b4beb1977d2c6b16dda5dd2b24fdc9c7f506882c452678676bd09be",
-        rows=2376, what="AI2 ARC-Easy test",
-        origin="FormulaMonks/llm-benchmarker-suite @ 5d3c8009 : data/ARC/"),
+        rows=2376,
+        what="AI2 ARC-Easy test",
+        origin="FormulaMonks/llm-benchmarker-suite @ 5d3c8009 : data/ARC/",
+    ),
     "arc/ARC-Challenge-Test.jsonl": DataFile(
         sha256="9fa8ffb3e3a1f88cb302d53dd95aae81e39209ad9bcf974376b319d8fd35717c",
-        rows=1172, what="AI2 ARC-Challenge test",
-        origin="FormulaMonks/llm-benchmarker-suite @ 5d3c8009 : data/ARC/"),
+        rows=1172,
+        what="AI2 ARC-Challenge test",
+        origin="FormulaMonks/llm-benchmarker-suite @ 5d3c8009 : data/ARC/",
+    ),
     "boolq/val.jsonl": DataFile(
         sha256="21acbfbd1e7908fddd9e626bc2a6101c5a5430bda3fbf74985b979af7a63b989",
-        rows=3270, what="BoolQ validation",
-        origin="FormulaMonks/llm-benchmarker-suite @ 5d3c8009 : data/SuperGLUE/BoolQ/val.jsonl"),
+        rows=3270,
+        what="BoolQ validation",
+        origin="FormulaMonks/llm-benchmarker-suite @ 5d3c8009 : data/SuperGLUE/BoolQ/val.jsonl",
+    ),
     "piqa/dev.jsonl": DataFile(
         sha256="a73f46cb5d72b2cc399522a79f27728a429d9b89d9a236243fcfda8c02588d54",
-        rows=1838, what="PIQA validation",
-        origin="declare-lab/TEAM @ e43753fd : data/piqa/dev.jsonl"),
+        rows=1838,
+        what="PIQA validation",
+        origin="declare-lab/TEAM @ e43753fd : data/piqa/dev.jsonl",
+    ),
     "piqa/dev-labels.lst": DataFile(
         sha256="b4192dc3a2a0363d9d60ccf79800cbbe2f32ebb17726efdde6970e0b8131bceb",
-        rows=1838, what="PIQA validation labels",
-        origin="declare-lab/TEAM @ e43753fd : data/piqa/dev-labels.lst"),
+        rows=1838,
+        what="PIQA validation labels",
+        origin="declare-lab/TEAM @ e43753fd : data/piqa/dev-labels.lst",
+    ),
     "winogrande/winogrande_dev.jsonl": DataFile(
         sha256="78632d8bf355010e2a072449d990cbe159084c1c072b69605b90f4d855ed8989",
-        rows=1267, what="WinoGrande dev (xl)",
-        origin="naiveen/nlp_project @ 42bba907 : data/winogrande/winogrande_dev.jsonl"),
+        rows=1267,
+        what="WinoGrande dev (xl)",
+        origin="naiveen/nlp_project @ 42bba907 : data/winogrande/winogrande_dev.jsonl",
+    ),
     "hellaswag/hellaswag_val_full.txt.bz2": DataFile(
         sha256="50b637899e4263c2bc456c2dc726c95d2c8cd8e2a552ea5bd7719ce3cb03fe5b",
-        rows=10042, what="HellaSwag validation, 6-line records",
-        origin="klosax/hellaswag_text_data @ 1105d370 : hellaswag_val_full.txt.bz2"),
+        rows=10042,
+        what="HellaSwag validation, 6-line records",
+        origin="klosax/hellaswag_text_data @ 1105d370 : hellaswag_val_full.txt.bz2",
+    ),
 }
 
 
@@ -193,8 +232,9 @@ def _text(raw: bytes, name: str) -> str:
 
 
 def _jsonl(name: str, root: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in _text(data_bytes(name, root), name).split("\n")
-            if line.strip()]
+    return [
+        json.loads(line) for line in _text(data_bytes(name, root), name).split("\n") if line.strip()
+    ]
 
 
 def _lines(name: str, root: Path) -> list[str]:
@@ -207,10 +247,18 @@ _HUB = {  # name -> (path, config, split, extra load_dataset kwargs)
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", {}),
     "ptb": ("ptb_text_only", "penn_treebank", "test", {}),
     "ptb_valid": ("ptb_text_only", "penn_treebank", "validation", {}),
-    "c4": ("allenai/c4", None, "validation",
-           {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}}),
-    "c4_train": ("allenai/c4", None, "train",
-                 {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}}),
+    "c4": (
+        "allenai/c4",
+        None,
+        "validation",
+        {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}},
+    ),
+    "c4_train": (
+        "allenai/c4",
+        None,
+        "train",
+        {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}},
+    ),
     "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", {}),
     "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test", {}),
     "piqa": ("baber/piqa", None, "validation", {}),
@@ -307,9 +355,11 @@ def hellaswag_preprocess(text: str) -> str:
 
 def _hellaswag_hub(row: dict[str, Any]) -> dict[str, Any]:
     ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
-    return {"query": hellaswag_preprocess(row["activity_label"] + ": " + ctx),
-            "choices": [hellaswag_preprocess(e) for e in row["endings"]],
-            "label": int(row["label"])}
+    return {
+        "query": hellaswag_preprocess(row["activity_label"] + ": " + ctx),
+        "choices": [hellaswag_preprocess(e) for e in row["endings"]],
+        "label": int(row["label"]),
+    }
 
 
 def _hellaswag_local(root: Path) -> list[dict[str, Any]]:
@@ -318,15 +368,24 @@ def _hellaswag_local(root: Path) -> list[dict[str, Any]]:
     lines = lines[:-1] if lines and lines[-1] == "" else lines
     if len(lines) % 6:
         raise ValueError(f"{name}: {len(lines)} lines is not a whole number of 6-line records")
-    return [{"query": lines[i], "choices": lines[i + 2 : i + 6], "label": int(lines[i + 1])}
-            for i in range(0, len(lines), 6)]
+    return [
+        {"query": lines[i], "choices": lines[i + 2 : i + 6], "label": int(lines[i + 1])}
+        for i in range(0, len(lines), 6)
+    ]
 
 
 def _arc_local(name: str, root: Path) -> list[dict[str, Any]]:
-    return [{"question": d["question"]["stem"],
-             "choices": {"text": [c["text"] for c in d["question"]["choices"]],
-                         "label": [c["label"] for c in d["question"]["choices"]]},
-             "answerKey": d["answerKey"]} for d in _jsonl(name, root)]
+    return [
+        {
+            "question": d["question"]["stem"],
+            "choices": {
+                "text": [c["text"] for c in d["question"]["choices"]],
+                "label": [c["label"] for c in d["question"]["choices"]],
+            },
+            "answerKey": d["answerKey"],
+        }
+        for d in _jsonl(name, root)
+    ]
 
 
 def _piqa_local(root: Path) -> list[dict[str, Any]]:
@@ -334,8 +393,10 @@ def _piqa_local(root: Path) -> list[dict[str, Any]]:
     labels = [int(x) for x in _lines("piqa/dev-labels.lst", root) if x.strip()]
     if len(docs) != len(labels):
         raise ValueError(f"PIQA: {len(docs)} questions but {len(labels)} labels")
-    return [{"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": y}
-            for d, y in zip(docs, labels, strict=True)]
+    return [
+        {"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": y}
+        for d, y in zip(docs, labels, strict=True)
+    ]
 
 
 def _boolq_label(label: Any) -> int:
@@ -354,12 +415,15 @@ _LOCAL = {  # task -> function(root) -> docs in the schema described in the modu
     "hellaswag": _hellaswag_local,
     "winogrande": lambda root: [
         {k: d[k] for k in ("sentence", "option1", "option2", "answer")}
-        for d in _jsonl("winogrande/winogrande_dev.jsonl", root)],
+        for d in _jsonl("winogrande/winogrande_dev.jsonl", root)
+    ],
     "boolq": lambda root: [
         {"question": d["question"], "passage": d["passage"], "label": _boolq_label(d["label"])}
-        for d in _jsonl("boolq/val.jsonl", root)],
+        for d in _jsonl("boolq/val.jsonl", root)
+    ],
     "lambada_openai": lambda root: [
-        {"text": d["text"]} for d in _jsonl("lambada/lambada_test.jsonl", root)],
+        {"text": d["text"]} for d in _jsonl("lambada/lambada_test.jsonl", root)
+    ],
 }
 TASK_NAMES = tuple(_LOCAL)
 
@@ -375,8 +439,10 @@ def load_task_docs(task: str, data_dir: str | Path | None = None) -> list[dict[s
     if task == "hellaswag":
         return [_hellaswag_hub(r) for r in rows]
     if task == "arc_easy" or task == "arc_challenge":
-        return [{"question": r["question"], "choices": r["choices"], "answerKey": r["answerKey"]}
-                for r in rows]
+        return [
+            {"question": r["question"], "choices": r["choices"], "answerKey": r["answerKey"]}
+            for r in rows
+        ]
     if task == "piqa":
         return [{**r, "label": int(r["label"])} for r in rows]
     return rows

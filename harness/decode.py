@@ -104,8 +104,7 @@ class Decoder:
         ctx = self.model.cfg.max_seq_len
         if self.capacity > ctx:
             raise ValueError(
-                f"cache capacity {self.capacity} is longer than the model's context of {ctx} "
-                "tokens"
+                f"cache capacity {self.capacity} is longer than the model's context of {ctx} tokens"
             )
 
     def prefill(self, params: Any, tokens) -> tuple[Array, State]:
@@ -129,9 +128,7 @@ class Decoder:
                 "generation needs a larger capacity"
             )
         token = jnp.asarray(token, jnp.int32).reshape(-1)
-        logits, layers = _step(
-            self.model, params, state.layers, token, jnp.int32(state.length)
-        )
+        logits, layers = _step(self.model, params, state.layers, token, jnp.int32(state.length))
         return logits, State(layers, state.length + 1)
 
     def generate(

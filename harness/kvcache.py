@@ -196,6 +196,7 @@ def mixed_attention(
     qh = jnp.transpose(q.reshape(B, T, KV, G, D), (0, 2, 3, 1, 4))  # [B, KV, G, T, D]
     heads = lambda a: jnp.transpose(a, (0, 2, 1, 3))  # [B, KV, S, D]
     kh, khq, vh, vhq = heads(k), heads(k_hat), heads(v), heads(v_hat)
+    ein = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=f32)
     outs = []
     for t0 in range(0, T, query_chunk):
         t1 = min(t0 + query_chunk, T)
@@ -204,14 +205,15 @@ def mixed_attention(
         allowed = pk <= pq if window is None else (pk <= pq) & (pq - pk < window)
         mk, mv = quantized_masks(kvq, pq, pk)
         qc = qh[:, :, :, t0:t1]
-        dot = lambda kk: jnp.einsum("bkgtd,bksd->bkgts", qc, kk[:, :, s0:t1],
-                                    preferred_element_type=f32)  # fmt: skip
-        s = jnp.where(mk, dot(khq), dot(kh))
+        qk = "bkgtd,bksd->bkgts"
+        s = jnp.where(mk, ein(qk, qc, khq[:, :, s0:t1]), ein(qk, qc, kh[:, :, s0:t1]))
         s = jnp.where(allowed, s * f32(scale), f32(-1e30))
-        p = jax.nn.softmax(s, axis=-1)
-        mix = lambda pp, vv: jnp.einsum("bkgts,bksd->bkgtd", pp.astype(v.dtype),
-                                        vv[:, :, s0:t1], preferred_element_type=f32)  # fmt: skip
-        outs.append(mix(jnp.where(mv, p, 0.0), vhq) + mix(jnp.where(mv, 0.0, p), vh))
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        pv = "bkgts,bksd->bkgtd"
+        outs.append(
+            ein(pv, jnp.where(mv, p, 0), vhq[:, :, s0:t1])
+            + ein(pv, jnp.where(mv, 0, p), vh[:, :, s0:t1])
+        )
     o = jnp.concatenate(outs, axis=3)
     return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, H, D).astype(q.dtype)
 
@@ -227,8 +229,7 @@ def check_capacity(kvq: KVQuant, capacity: int) -> None:
         c = getattr(kvq, side)
         if capacity % c.chunk:
             raise ValueError(
-                f"cache capacity {capacity} is not a multiple of the {side} codec's chunk "
-                f"{c.chunk}"
+                f"cache capacity {capacity} is not a multiple of the {side} codec's chunk {c.chunk}"
             )
 
 
@@ -304,13 +305,11 @@ def write_token(kvq: KVQuant, layer: int, cache: dict, k: Array, v: Array, p: Ar
             out[side + "s"] = jnp.where(p < kvq.sink, put, sink)
         q_old, q_new = quantized_prefix(c, L - 1), quantized_prefix(c, L)
 
-        def flush(store, c=c, ring=ring, q_old=q_old):  # tokens [q_old, q_old + F) leave the ring
+        def flush(store, c=c, ring=ring, q_old=q_old, W=W):  # [q_old, q_old + F) leave the ring
             x = ring[:, (q_old + jnp.arange(c.flush)) % W]
             return _encode_into(c, layer, store, q_old // c.chunk, x)
 
-        out[side + "q"] = jax.lax.cond(
-            q_new > q_old, flush, lambda s: s, cache[side + "q"]
-        )
+        out[side + "q"] = jax.lax.cond(q_new > q_old, flush, lambda s: s, cache[side + "q"])
     return out
 
 
