@@ -55,16 +55,26 @@ class CompareConfig:
 
 
 _SETTING = re.compile(r"W(\d)(?:A(\d+))?(?:g(\d+|ch))?")
+_KV_SETTING = re.compile(r"KV(\d+)")
+
+
+def is_kv_setting(s: str) -> bool:
+    """``"KV2"``: a KV-cache method at 2 bits per cached element (codes; scales, outliers and
+    the full-precision window are the method's own and counted in ``kv_bits``)."""
+    return _KV_SETTING.fullmatch(s) is not None
 
 
 def parse_setting(s: str) -> tuple[int, int | None]:
     """``"W3g64"`` → ``(3, 64)``; ``"W4gch"`` → ``(4, None)`` (one scale per output channel);
     an activation part (``"W4A8g128"``, ``"W8A8"``: no group means per channel) is read by
-    :func:`act_bits`."""
+    :func:`act_bits`; ``"KV3"`` → ``(3, None)``, the cache bits of a KV-cache method."""
+    if (kv := _KV_SETTING.fullmatch(s)) is not None:
+        return int(kv.group(1)), None
     m = _SETTING.fullmatch(s)
     if not m or (m.group(2) is None and m.group(3) is None):
         raise ValueError(
-            f"setting {s!r} must look like W3g64, W4gch (per output channel), W4A8g128 or W8A8"
+            f"setting {s!r} must look like W3g64, W4gch (per output channel), W4A8g128, W8A8 "
+            "or KV2 (a KV-cache method's bits)"
         )
     g = m.group(3)
     return int(m.group(1)), None if g in (None, "ch") else int(g)
@@ -73,6 +83,8 @@ def parse_setting(s: str) -> tuple[int, int | None]:
 def act_bits(s: str) -> int | None:
     """The activation bits of a setting (``"W4A8g128"`` → 8), ``None`` for weight-only ones."""
     parse_setting(s)
+    if is_kv_setting(s):
+        return None
     a = _SETTING.fullmatch(s).group(2)
     return None if a is None else int(a)
 
@@ -103,6 +115,8 @@ def config_for(method: Method, bits: int, group: int | None, **overrides: Any) -
 
 
 def _label(bits: int, group: int | None, cfg: Any, q: QuantizedModel) -> str:
+    if q.kv_bits < 16:
+        return f"KV{bits} ({q.kv_bits:.3f} bits/element)"
     grouping = f"g{group or 'ch'}" if hasattr(cfg, "group_size") else "own groups"
     act = f"{q.bits_per_activation:g}"
     return f"W{bits}A{act} {grouping} ({q.bits_per_weight:.3f} bpw)"
@@ -131,6 +145,14 @@ def run(
     for name in methods:
         get_method(name)  # unknown names fail before any work
     parsed = [(s, *parse_setting(s)) for s in settings]
+    for setting in settings:  # a mismatch fails before any work too
+        for name in methods:
+            kind = get_method(name).kind
+            if is_kv_setting(setting) != (kind == "kv_cache"):
+                raise ValueError(
+                    f"{name} is a {kind} method; setting {setting!r} is for "
+                    + ("KV-cache methods" if is_kv_setting(setting) else "weight methods")
+                )
     calib = c4_calibration(
         tok, n_samples=cmp.n_calib, seqlen=cmp.calib_seqlen, seed=cmp.seed, data_dir=data_dir
     )
