@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from harness import kvcache
 from methods.base import check_bits
 from numerics.config import QuantConfig
+from numerics.qarray import QArray
 from numerics.quantize import quantize
 
 BITS = (2, 3, 4, 8)
@@ -55,6 +58,12 @@ def _cfg(bits: int, axis: int, group: int) -> QuantConfig:
                        zero_point=True, scale_dtype="float16")  # fmt: skip
 
 
+def _stored(qa: QArray) -> QArray:
+    """As the cache holds it: codes packed along the head dimension into uint32 words (the
+    layout ``kernels.kv_decode`` reads), fp16 scales and zero points (small integers, exact)."""
+    return dataclasses.replace(qa, zero=qa.zero.astype(jnp.float16)).pack(axis=3, word_bits=32)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ChannelKeys(kvcache.KVCodec):
     """Keys ``[B, G, kv, hd]``: one scale / zero per channel over the chunk's ``G`` tokens."""
@@ -62,7 +71,7 @@ class ChannelKeys(kvcache.KVCodec):
     bits: int = 2
 
     def encode(self, layer, x):
-        return quantize(x, _cfg(self.bits, 1, self.chunk))
+        return _stored(quantize(x, _cfg(self.bits, 1, self.chunk)))
 
     def decode(self, layer, code):
         return code.dequantize()
@@ -79,7 +88,7 @@ class TokenValues(kvcache.KVCodec):
     group: int = 32
 
     def encode(self, layer, x):
-        return quantize(x, _cfg(self.bits, 3, min(self.group, x.shape[3])))
+        return _stored(quantize(x, _cfg(self.bits, 3, min(self.group, x.shape[3]))))
 
     def decode(self, layer, code):
         return code.dequantize()
