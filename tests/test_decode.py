@@ -186,8 +186,8 @@ def test_bad_input_is_refused_before_the_cache_changes():
     before = jax.tree.map(np.asarray, state.layers)
     with pytest.raises(ValueError, match="cache is full"):
         dec.step(params, state, jnp.asarray([1]))
-    assert all(np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(before), jax.tree.leaves(state.layers), strict=True))  # fmt: skip
+    after = jax.tree.leaves(state.layers)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), after, strict=True))
     with pytest.raises(ValueError, match="longer than the model's context"):
         Decoder(Model(LLAMA), capacity=LLAMA.max_seq_len + 1)
     kivi = Model(LLAMA, Hooks(kv_quant=kv_quant(KIVIConfig(group=16, residual=32))))
