@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from harness import kvcache
 from harness.calibration import c4_calibration
 from harness.evaluate import EvalConfig
 from harness.layers import Hooks
@@ -24,7 +25,7 @@ from harness.model import Model
 from harness.pipeline import eval_perplexity, eval_zero_shot
 from harness.results import ResultRow
 from harness.tokenizer import Tokenizer
-from methods.base import Method, QuantizedModel, get_method
+from methods.base import REPORT_TOKENS, Method, QuantizedModel, get_method
 
 FP_SETTING = "fp"
 
@@ -114,6 +115,16 @@ def config_for(method: Method, bits: int, group: int | None, **overrides: Any) -
     return cls(**kw, **overrides)
 
 
+def _kv_notes(q: QuantizedModel, cfg: Any) -> dict[str, float]:
+    """A KV-cache result's cache size at ``methods.base.REPORT_TOKENS`` tokens, in MiB."""
+    if q.hooks.kv_quant is None:
+        return {}
+    n = min(REPORT_TOKENS, cfg.max_seq_len)
+    mib = kvcache.cache_mib(q.hooks.kv_quant, n_tokens=n, n_layers=cfg.n_layers,
+                            kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)  # fmt: skip
+    return {f"kv_mib_{n}": mib}
+
+
 def _label(bits: int, group: int | None, cfg: Any, q: QuantizedModel) -> str:
     if q.kv_bits < 16:
         return f"KV{bits} ({q.kv_bits:.3f} bits/element)"
@@ -196,6 +207,7 @@ def run(
                 "bpw": q.bits_per_weight,
                 "bpa": q.bits_per_activation,
                 "kv_bits": q.kv_bits,
+                **_kv_notes(q, model.cfg),
                 "quant_minutes": minutes,
                 "calib": calib_note,
                 "config": repr(q_cfg),
@@ -205,21 +217,26 @@ def run(
 
 
 def pivot(rows: Sequence[ResultRow]) -> str:
-    """Markdown table, one line per (setting, method): bits per weight, perplexity on each
-    corpus, minutes to quantize."""
+    """Markdown table, one line per (setting, method): bits per weight (and per cached key /
+    value element when a row quantizes the cache), perplexity on each corpus, minutes to
+    quantize."""
     rows = [r for r in rows if r.metric == "ppl"]
     corpora = list(dict.fromkeys(r.dataset for r in rows))
+    kv = any(r.notes.get("kv_bits", 16) < 16 for r in rows)
     lines: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
         key = (r.notes.get("setting", r.bits), r.method)
-        first = {"bpw": r.notes.get("bpw"), "min": r.notes.get("quant_minutes")}
+        first = {"bpw": r.notes.get("bpw"), "min": r.notes.get("quant_minutes"),
+                 "kv": r.notes.get("kv_bits")}  # fmt: skip
         line = lines.setdefault(key, first)
         line[r.dataset] = r.value
-    head = ["setting", "method", "bits/weight", *(f"{c} ppl" for c in corpora), "minutes"]
+    head = ["setting", "method", "bits/weight", *(["bits/KV element"] if kv else []),
+            *(f"{c} ppl" for c in corpora), "minutes"]  # fmt: skip
     out = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for (setting, method), line in lines.items():
         bpw = "16" if line["bpw"] is None else f"{line['bpw']:.3f}"
+        kvb = [] if not kv else ["16" if line["kv"] in (None, 16) else f"{line['kv']:.3f}"]
         ppl = [f"{line[c]:.2f}" if c in line else "" for c in corpora]
         mins = "" if line["min"] is None else f"{line['min']:.1f}"
-        out.append("| " + " | ".join([setting, method, bpw, *ppl, mins]) + " |")
+        out.append("| " + " | ".join([setting, method, bpw, *kvb, *ppl, mins]) + " |")
     return "\n".join(out) + "\n"
