@@ -16,10 +16,11 @@ __all__ = ["BITS", "ChannelKeys", "KIVIConfig", "TokenValues", "kv_quant", "quan
 
 def kv_quant(cfg: KIVIConfig) -> kvcache.KVQuant:
     """KIVI's cache: keys per channel in groups of G tokens, quantized R at a time after a
-    residual of 1 … R full-precision keys; values per token, the last R kept full precision."""
+    residual of 1 … R full-precision keys; values per token, the last R + 1 (the new one
+    included) read in full precision."""
     return kvcache.KVQuant(
         key=ChannelKeys(bits=cfg.bits, chunk=cfg.group, window=1, flush=cfg.residual),
-        value=TokenValues(bits=cfg.bits, group=cfg.group, window=cfg.residual, flush=1),
+        value=TokenValues(bits=cfg.bits, group=cfg.group, window=cfg.residual + 1, flush=1),
     )
 
 

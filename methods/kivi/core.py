@@ -13,10 +13,15 @@ min-max asymmetric onto ``0 … 2^b − 1``:
 numerics core's asymmetric grid, which represents 0 exactly.) Scales and zero points are
 fp16 as in the reference.
 
-The residual (§3.3): keys stay full precision until ``R`` of them have gathered and are then
-quantized all at once — a residual of 1 … ``R`` full-precision keys, ``window=1, flush=R`` in
-``harness.kvcache`` terms — and the ``R`` most recent values stay full precision
-(``window=R, flush=1``). The reference's defaults: ``G = 32``, ``R = 128``, 2 bits.
+The residual (§3.3), as ``models/llama_kivi.py`` runs it at each decoding step: the new key
+joins the full-precision keys, attention reads them, and once ``R`` have gathered they are
+quantized all at once — attention sees 1 … ``R`` full-precision keys, ``window=1, flush=R`` in
+``harness.kvcache`` terms; the new value joins the ``R`` full-precision values, attention reads
+``R + 1``, then the oldest is quantized — ``window=R + 1, flush=1``. (The reference's prefill
+attends the prompt in full precision and only stores it quantized; here the prompt's queries see
+the cache as a decoding step would, so scoring and decoding agree.) Defaults: ``G = 32``,
+``R = 128``, 2 bits (``example.py`` runs ``R = 32``; the paper's experiments use 128 —
+unverified here, the PDF could not be opened).
 """
 
 from __future__ import annotations
