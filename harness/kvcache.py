@@ -201,7 +201,9 @@ def mixed_attention(
     for t0 in range(0, T, query_chunk):
         t1 = min(t0 + query_chunk, T)
         s0 = 0 if window is None else max(0, t0 - window + 1)
-        pq, pk = np.arange(t0, t1)[:, None], np.arange(s0, t1)[None, :]
+        # masks from iotas in the graph, not numpy constants (8192 tokens: 64 chunks of them)
+        pq = jnp.arange(t0, t1, dtype=jnp.int32)[:, None]
+        pk = jnp.arange(s0, t1, dtype=jnp.int32)[None, :]
         allowed = pk <= pq if window is None else (pk <= pq) & (pq - pk < window)
         mk, mv = quantized_masks(kvq, pq, pk)
         qc = qh[:, :, :, t0:t1]

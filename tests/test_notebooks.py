@@ -369,3 +369,21 @@ CHECKS |= {
     "zeroquant_fp": check_zeroquant_fp,
     "zeroquant_4p2": check_zeroquant_4p2,
 }
+
+
+def check_kivi(g: dict) -> None:
+    """Every setting ran; the bits per element are KIVI's own count at 2048 tokens (keys: 1920
+    quantized after the last flush of 128 and 128 in fp16; values: all but the last 129), and
+    the stored 2-bit cache is smaller than the full-precision one after the same tokens."""
+    for s in g["SETTINGS"]:
+        for c in g["CORPORA"]:
+            assert math.isfinite(g["PPL"][(s, c)]) and g["PPL"][(s, c)] > 1
+        b = int(s[2:])
+        q = b + 2 * 16 / 32  # codes + fp16 scale and zero per group of 32
+        assert g["KV_BITS"][s] == pytest.approx((1920 * q + 128 * 16 + 1919 * q + 129 * 16) / 4096)
+    fp, kivi = g["GEN"]["fp"], g["GEN"]["KIVI-2"]
+    assert fp.tokens.shape == kivi.tokens.shape and kivi.cache_bytes < fp.cache_bytes / 2
+    assert g["KIVI_MIB"] < g["FULL_MIB"] / 3
+
+
+CHECKS["kivi"] = check_kivi

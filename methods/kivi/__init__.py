@@ -18,8 +18,12 @@ def kv_quant(cfg: KIVIConfig) -> kvcache.KVQuant:
     """KIVI's cache: keys per channel in groups of G tokens, quantized R at a time after a
     residual of 1 … R full-precision keys; values per token, the last R + 1 (the new one
     included) read in full precision."""
+    if cfg.keys == "channel":
+        key = ChannelKeys(bits=cfg.bits, chunk=cfg.group, window=1, flush=cfg.residual)
+    else:  # the ablation: keys per token, under the same residual
+        key = TokenValues(bits=cfg.bits, group=cfg.group, window=1, flush=cfg.residual)
     return kvcache.KVQuant(
-        key=ChannelKeys(bits=cfg.bits, chunk=cfg.group, window=1, flush=cfg.residual),
+        key=key,
         value=TokenValues(bits=cfg.bits, group=cfg.group, window=cfg.residual + 1, flush=1),
     )
 

@@ -44,9 +44,12 @@ class KIVIConfig:
     bits: int = 2  # key and value code bits (KIVI-2; the paper also runs KIVI-4)
     group: int = 32  # G: tokens per key group, channels per value group
     residual: int = 128  # R: recent tokens kept in full precision
+    keys: str = "channel"  # "channel" (KIVI); "token": the ablation of §3.2 (keys like values)
 
     def __post_init__(self):
         check_bits(self.bits, BITS, "KIVI")
+        if self.keys not in ("channel", "token"):
+            raise ValueError(f"KIVI: keys must be 'channel' or 'token', got {self.keys!r}")
         for f in ("group", "residual"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
