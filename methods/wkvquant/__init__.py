@@ -48,9 +48,10 @@ def kv_quant(cfg: WKVQuantConfig, params: dict) -> kvcache.KVQuant:
     )
 
 
-def _loss_fn(model_cfg: ModelConfig, cfg: WKVQuantConfig, rep: list[int]):
-    """MAE of the output ``len(rep)`` blocks downstream, block ``rep[0]`` under the trained
-    cache, the rest full precision; ``θ = (δ_k, log s_k, δ_v, log s_v)`` ``[kv, hd]`` each."""
+def _step_fn(model_cfg: ModelConfig, cfg: WKVQuantConfig, rep: list[int], opt):
+    """One Adam step on the CRR loss: the MAE of the output ``len(rep)`` blocks downstream,
+    block ``rep[0]`` under the trained cache, the rest full precision;
+    ``θ = (δ_k, log s_k, δ_v, log s_v)`` ``[kv, hd]`` each. Returns the loss at ``θ``."""
     plain = Model(model_cfg)
     pol = _policy(cfg)
 
@@ -65,25 +66,31 @@ def _loss_fn(model_cfg: ModelConfig, cfg: WKVQuantConfig, rep: list[int]):
             h = plain.apply_block(bp, j, h)
         return jnp.mean(jnp.abs(h - target))
 
-    return jax.jit(jax.value_and_grad(loss))
+    def step(theta, state, blocks, x, target):
+        value, grad = jax.value_and_grad(loss)(theta, blocks, x, target)
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int/float
+            updates, state = opt.update(grad, state)
+        return value, optax.apply_updates(theta, updates), state
+
+    return jax.jit(step)
 
 
 def crr_fit(model_cfg, cfg, theta0, blocks, rep, x, target) -> tuple[tuple, list[float]]:
-    """Adam on the CRR loss from ``theta0``; returns the best parameters seen and the losses."""
-    step = _loss_fn(model_cfg, cfg, rep)
+    """Adam on the CRR loss from ``theta0``; returns the best parameters seen (the start
+    included) and the loss at each of them."""
     opt = optax.adam(cfg.lr)
+    step = _step_fn(model_cfg, cfg, rep, opt)
     theta, state = theta0, opt.init(theta0)
     best, best_loss, losses = theta0, np.inf, []
     for _ in range(cfg.steps + 1):
-        value, grad = step(theta, blocks, x, target)
+        value, new, state = step(theta, state, blocks, x, target)
         value = float(value)
         if not np.isfinite(value):
             raise ValueError("WKVQuant: the CRR loss is not finite")
         losses.append(value)
         if value < best_loss:
             best, best_loss = theta, value
-        updates, state = opt.update(grad, state)
-        theta = optax.apply_updates(theta, updates)
+        theta = new
     return best, losses
 
 

@@ -111,6 +111,7 @@ def _token_cfg(bits: int, d: int) -> QuantConfig:
 def fake_2d_ste(x: Float[Array, "b t h d"], delta: Array, s: Array, bits: int) -> Array:
     """``Quant_token((x − δ)/s)·s + δ`` with gradients for CRR: rounding passed straight
     through, the per-token min / max (hence step and zero) differentiable."""
+    delta, s = (jnp.reshape(a, (1,) * (x.ndim - 2) + a.shape[-2:]) for a in (delta, s))
     y = (x - delta) / s
     lo, hi = jnp.min(y, axis=-1, keepdims=True), jnp.max(y, axis=-1, keepdims=True)
     step = jnp.maximum(hi - lo, 1e-8) / (2**bits - 1)
@@ -152,7 +153,7 @@ class TwoDCodec(kvcache.KVCodec):
         s = jnp.asarray(self.scale[layer], jnp.float32)
         if d.size != H * D:
             raise ValueError(f"WKVQuant: layer {layer} has {d.size} channels, the cache {H * D}")
-        return d.reshape(H, D), s.reshape(H, D)
+        return d.reshape(1, 1, H, D), s.reshape(1, 1, H, D)
 
     def encode(self, layer, x):
         d, s = self._params(layer, x.shape[2], x.shape[3])
