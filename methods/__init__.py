@@ -5,6 +5,7 @@ Importing this package registers every method (``methods.base.REGISTRY``)."""
 from methods import (
     awq,  # noqa: F401
     dgq,  # noqa: F401
+    gear,  # noqa: F401
     gptq,  # noqa: F401
     kivi,  # noqa: F401
     llm_int8,  # noqa: F401
@@ -16,6 +17,7 @@ from methods import (
     smoothquant_plus,  # noqa: F401
     spqr,  # noqa: F401
     squeezellm,  # noqa: F401
+    wkvquant,  # noqa: F401
     zeroquant_4p2,  # noqa: F401
     zeroquant_fp,  # noqa: F401
     zeroquant_v2,  # noqa: F401

@@ -387,3 +387,41 @@ def check_kivi(g: dict) -> None:
 
 
 CHECKS["kivi"] = check_kivi
+
+
+def _gear_bits(bits: float, extra: float, n: int = 2048, n_b: int = 64) -> float:
+    """Mean bits of a GEAR-style cache at ``n`` tokens: ``n_b·⌊(n − 1)/n_b⌋`` stored at
+    ``bits + extra`` per element, the rest 16-bit."""
+    q = n_b * ((n - 1) // n_b)
+    return (q * (bits + extra) + (n - q) * 16) / n
+
+
+def check_gear(g: dict) -> None:
+    """Every row ran; GEAR's bits are the quantizer's plus exactly its rank-2 factors and its
+    81 outliers (value + 16-bit index) per head-chunk of 64 × 64; the quantizer alone costs
+    only codes and float16 scale / zero per group of 64."""
+    for (name, setting, c), v in g["PPL"].items():
+        assert math.isfinite(v) and v > 1, (name, setting, c)
+    low_rank, sparse = 16 * 2 * 128 / 4096, 32 * 81 / 4096
+    for setting, b in (("KV2", 2), ("KV4", 4)):
+        if ("gear", setting) in g["KV_BITS"]:
+            want = _gear_bits(b, 0.5 + low_rank + sparse)
+            assert g["KV_BITS"][("gear", setting)] == pytest.approx(want, abs=1e-9)
+            alone = g["KV_BITS"][("quant alone", setting)]
+            assert alone == pytest.approx(_gear_bits(b, 0.5), abs=1e-9)
+
+
+def check_wkvquant(g: dict) -> None:
+    """Both rows ran; past-only keeps one 16-bit token per side, the other quantizes all, both
+    at code bits + float16 scale and zero per token and head of 64."""
+    for (name, setting, c), v in g["PPL"].items():
+        assert math.isfinite(v) and v > 1, (name, setting, c)
+    for setting, b in (("KV4", 4), ("KV2", 2)):
+        if ("past-only", setting) in g["KV_BITS"]:
+            e = b + 32 / 64
+            po = g["KV_BITS"][("past-only", setting)]
+            assert po == pytest.approx((2047 * e + 16) / 2048, abs=1e-9)
+            assert g["KV_BITS"][("current too", setting)] == pytest.approx(e, abs=1e-9)
+
+
+CHECKS |= {"gear": check_gear, "wkvquant": check_wkvquant}
