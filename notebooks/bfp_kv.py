@@ -46,16 +46,16 @@ from methods.bfp_kv import BFPCodec
 from methods.compare import CompareConfig
 
 HEAD_DIM, BLOCK = 64, 32  # SmolLM2's heads; the configs' default block
-SORTED = {3: "BFP11 K-sort", 4: "BFP12 K-sort", 5: "BFP13 K-sort"}  # key mantissa bits → label
-PLAIN = {3: "BFP11", 4: "BFP12", 5: "BFP13", 6: "BFP14", 8: "BFP16"}
+SORTED = {4: "BFP12 K-sort"}  # key mantissa bits → label
+PLAIN = {4: "BFP12", 5: "BFP13", 6: "BFP14", 8: "BFP16"}
+CALIB = "BFP12 K-sort (calib. absmax)"
 VARIANTS = {SORTED[4]: ("bfp_kv", "KV4", {}), PLAIN[4]: ("bfp_kv_nosort", "KV4", {}),
             PLAIN[8]: ("bfp_kv_nosort", "KV8", {})}  # fmt: skip
 if SMALL:
     CMP = CompareConfig(n_calib=2, calib_seqlen=128, seqlen=128, windows=2)
-else:
-    VARIANTS |= {SORTED[m]: ("bfp_kv", f"KV{m}", {}) for m in (3, 5)}
-    VARIANTS |= {PLAIN[m]: ("bfp_kv_nosort", f"KV{m}", {}) for m in (3, 5, 6)}
-    VARIANTS |= {"KIVI-4": ("kivi", "KV4", {}), "KIVI-2": ("kivi", "KV2", {})}
+else:  # the rows measured (papers/bfp_kv/README.md)
+    VARIANTS |= {PLAIN[m]: ("bfp_kv_nosort", f"KV{m}", {}) for m in (5, 6)}
+    VARIANTS |= {CALIB: ("bfp_kv", "KV4", {"sort": "k_absmax"}), "KIVI-2": ("kivi", "KV2", {})}
     CMP = CompareConfig(corpora=("wikitext2", "c4"))
 ROWS_FROM = (
     None if SMALL else os.environ.get("LOWBIT_ROWS", str(ROOT / "papers/data/bfp_kv_rows.json"))
@@ -70,7 +70,7 @@ print(f"SMALL={SMALL}  {CMP}  rows from: {ROWS_FROM or 'this run'}")
 # of the cache.
 
 # %%
-KEY_BITS = {m: BFPCodec(bits=m, block=BLOCK).element_bits(HEAD_DIM) for m in (3, 4, 5, 6, 8)}
+KEY_BITS = {m: BFPCodec(bits=m, block=BLOCK).element_bits(HEAD_DIM) for m in PLAIN}
 print({PLAIN[m]: b for m, b in KEY_BITS.items()})
 
 # %%
