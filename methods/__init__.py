@@ -4,6 +4,7 @@ Importing this package registers every method (``methods.base.REGISTRY``)."""
 
 from methods import (
     awq,  # noqa: F401
+    bfp_kv,  # noqa: F401
     dgq,  # noqa: F401
     gear,  # noqa: F401
     gptq,  # noqa: F401

@@ -425,3 +425,24 @@ def check_wkvquant(g: dict) -> None:
 
 
 CHECKS |= {"gear": check_gear, "wkvquant": check_wkvquant}
+
+
+def check_bfp_kv(g: dict) -> None:
+    """Every variant ran on every corpus; a key element costs its mantissa bits plus one 8-bit
+    exponent per block of 32, and a row's mean KV bits are the mean of keys and BFP16 values."""
+    got = {r.notes["variant"] for r in g["ROWS"]}
+    assert got == {"fp"} | set(g["VARIANTS"]), got
+    for r in g["ROWS"]:
+        assert math.isfinite(r.value) and r.value > 1
+    for m, b in g["KEY_BITS"].items():
+        assert b == pytest.approx(m + 8 / 32, abs=1e-12)
+    value_bits = 8 + 8 / 32
+    for label, (_, setting, _) in g["VARIANTS"].items():
+        if label.startswith("BFP"):
+            m = int(setting[2:])
+            assert g["KV_BITS"][label] == pytest.approx((m + 8 / 32 + value_bits) / 2)
+    for c, h in g["HEADLINE"].items():
+        assert h["K-sort BFP12"] == g["PPL"][("BFP12 K-sort", c)]
+
+
+CHECKS |= {"bfp_kv": check_bfp_kv}
