@@ -17,15 +17,23 @@ The residual (§3.3): keys stay full precision until ``R`` of them have gathered
 quantized all at once — a residual of 1 … ``R`` full-precision keys, ``window=1, flush=R`` in
 ``harness.kvcache`` terms — and the ``R`` most recent values stay full precision
 (``window=R, flush=1``). The reference's defaults: ``G = 32``, ``R = 128``, 2 bits.
+
+Both codecs expose their decode store in ``kernels.kv_decode``'s layout
+(``KVCodec.kernel_layout``): the chunk-major store is transposed head-major and its codes
+packed along the head dimension on every read (the official repository likewise packs codes
+along one axis into 32-bit words for its CUDA kernels, ``quant/new_pack.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from harness import kvcache
 from methods.base import check_bits
 from numerics.config import QuantConfig
+from numerics.packing import pack
 from numerics.quantize import quantize
 
 BITS = (2, 3, 4, 8)
@@ -55,6 +63,19 @@ def _cfg(bits: int, axis: int, group: int) -> QuantConfig:
                        zero_point=True, scale_dtype="float16")  # fmt: skip
 
 
+def _head_major(a):
+    """A chunk-major store leaf ``[n, B, c, kv, X]`` as ``[B, kv, n·c, X]``."""
+    n, B, c, H, X = a.shape
+    return jnp.transpose(a, (1, 3, 0, 2, 4)).reshape(B, H, n * c, X)
+
+
+def _layout(store, group: tuple[int, int]) -> kvcache.KernelLayout:
+    codes = pack(_head_major(store.codes), store.format.bits, axis=3, word_bits=32)
+    return kvcache.KernelLayout(codes=codes, scale=_head_major(store.scale),
+                                zero=_head_major(store.zero), format=store.format,
+                                group=group)  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ChannelKeys(kvcache.KVCodec):
     """Keys ``[B, G, kv, hd]``: one scale / zero per channel over the chunk's ``G`` tokens."""
@@ -69,6 +90,9 @@ class ChannelKeys(kvcache.KVCodec):
 
     def element_bits(self, head_dim):
         return self.bits + 2 * 16 / self.chunk
+
+    def kernel_layout(self, layer, store):
+        return _layout(store, (self.chunk, 1))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,3 +110,6 @@ class TokenValues(kvcache.KVCodec):
 
     def element_bits(self, head_dim):
         return self.bits + 2 * 16 / min(self.group, head_dim)
+
+    def kernel_layout(self, layer, store):
+        return _layout(store, (1, min(self.group, store.codes.shape[-1])))
