@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import jax
@@ -59,6 +60,7 @@ class Generation:
     logits: np.ndarray  # [B, n, V] float32 logits each generated token was drawn from
     cache_bytes: int  # bytes the cache arrays hold (all layers, both sides)
     state: State
+    step_seconds: tuple[float, ...] = ()  # wall time of each step, its logits on the host
 
 
 def _kvq(model: Model) -> kvcache.KVQuant:
@@ -120,9 +122,7 @@ class Decoder:
                 f"cache capacity {self.capacity} is longer than the model's context of {ctx} tokens"
             )
         if self.attention not in ("reference", "kernel"):
-            raise ValueError(
-                f"attention must be 'reference' or 'kernel', got {self.attention!r}"
-            )
+            raise ValueError(f"attention must be 'reference' or 'kernel', got {self.attention!r}")
         step_model = self.model
         if self.attention == "kernel":
             cfg = self.model.cfg
@@ -195,6 +195,7 @@ class Decoder:
         key = jax.random.key(seed)
         toks, lgs = [], []
         done = np.zeros(prompt.shape[0], bool)
+        secs = []
         for i in range(max_new_tokens):
             key, sub = jax.random.split(key)
             tok = _pick(last, sub, float(temperature))
@@ -205,10 +206,14 @@ class Decoder:
                 if done.all():
                     break
             if i + 1 < max_new_tokens:
+                t0 = time.perf_counter()
                 last, state = self.step(params, state, tok)
+                jax.block_until_ready(last)
+                secs.append(time.perf_counter() - t0)
         return Generation(
             tokens=np.stack(toks, 1),
             logits=np.stack(lgs, 1),
             cache_bytes=kvcache.cache_bytes(state.layers),
             state=state,
+            step_seconds=tuple(secs),
         )

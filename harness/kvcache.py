@@ -507,9 +507,7 @@ def kernel_attention(q: Array, view: _KernelView, *, scale: float, window: int |
     vs = kvq.value.kernel_layout(layer, cache["vq"])
     KV, T = ks.codes.shape[1], ks.codes.shape[2]
     k0 = jnp.maximum(kvq.sink, 0 if window is None else L - window)
-    k1 = jnp.maximum(
-        jnp.minimum(quantized_prefix(kvq.key, L), quantized_prefix(kvq.value, L)), k0
-    )
+    k1 = jnp.maximum(jnp.minimum(quantized_prefix(kvq.key, L), quantized_prefix(kvq.value, L)), k0)
     full = lambda x: jnp.full((B,), x, jnp.int32)
     phi = None if kvq.phi is None else kvq.phi[layer]
     kern = kv_decode(
@@ -533,9 +531,7 @@ def kernel_attention(q: Array, view: _KernelView, *, scale: float, window: int |
         ok = ok & (L - 1 - pos < window)
     qg = q.astype(jnp.float32).reshape(B, KV, H // KV, D)
     o_r, lse_r = _part(qg, Kr, Vr, ok, scale)
-    o, _ = merge_partials(
-        [(kern.o, kern.lse), (o_r.reshape(B, H, D), lse_r.reshape(B, H))]
-    )
+    o, _ = merge_partials([(kern.o, kern.lse), (o_r.reshape(B, H, D), lse_r.reshape(B, H))])
     return o.reshape(B, 1, H, D).astype(q.dtype)
 
 

@@ -168,13 +168,14 @@ def _kernel(bnd_ref, phi_ref, q_ref, k_ref, ks_ref, *refs, p: Plan):
         jnp.zeros((p.R,), jnp.float32),
         jnp.zeros((p.R, p.D), jnp.float32),
     )
-    m, l, acc = lax.fori_loop(start // p.Gk, nt, body, init)
-    empty = l == 0  # no token in [start, length)
-    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / jnp.where(empty, 1.0, l)[:, None]).astype(
-        o_ref.dtype
-    )
+    empty = length <= start  # no token in [start, length): o = 0, lse = −inf
+    b0 = start // p.Gk
+    m, l, acc = lax.fori_loop(b0, jnp.where(empty, b0, nt), body, init)
+    zero = l == 0  # empty, or (unified) every exp underflowed: the fallback recomputes it
+    o = jnp.where(zero[:, None], 0.0, acc / jnp.where(zero, 1.0, l)[:, None])
+    o_ref[...] = o.astype(o_ref.dtype)
     base = phi if p.unified else m
-    lse_ref[...] = jnp.where(empty, -jnp.inf, base + jnp.log(jnp.where(empty, 1.0, l)))
+    lse_ref[...] = jnp.where(empty | zero, -jnp.inf, base + jnp.log(jnp.where(zero, 1.0, l)))
     mx_ref[...] = jnp.where(empty, -jnp.inf, m)
 
 

@@ -61,8 +61,9 @@ def _run(dec, params, prompt, n):
         pytest.param(CFG, KIVI, 40, 60, id="kivi"),
         # sink tokens attended apart; a sliding window (layer 0) moves the kernel's start
         pytest.param(LOCAL, dataclasses.replace(KIVI, sink=4), 30, 40, id="sink-window"),
-        pytest.param(CFG, kv_quant(KIVIConfig(bits=4, group=32, residual=32)), 3, 70,
-                     id="kivi4-short-prompt"),  # fmt: skip
+        pytest.param(
+            CFG, kv_quant(KIVIConfig(bits=4, group=32, residual=32)), 3, 70, id="kivi4-short-prompt"
+        ),  # fmt: skip
     ],
 )
 def test_kernel_step_logits_equal_reference(params, cfg, kvq, P, n):
