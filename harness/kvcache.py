@@ -28,6 +28,12 @@ the codec stores them in a fixed-capacity store, the full-precision tokens in a 
 ``R + F`` slots and the sink tokens apart, so the step function compiles once.
 :data:`FULL` (no hook) is the full-precision cache: an identity codec, every token "quantized"
 into a float store.
+
+A third reader, for decoding through ``kernels.kv_decode`` (:func:`kernel_kv_quant`,
+``Decoder(attention="kernel")``): a codec may expose its store in the kernel's packed layout
+(:meth:`KVCodec.kernel_layout`); the tokens quantized on both sides are attended by the kernel
+straight from the codes, the full-precision window and the sink tokens apart, and the parts
+merged by log-sum-exp (:func:`kernel_attention`).
 """
 
 from __future__ import annotations
