@@ -16,6 +16,15 @@ stood after token ``t`` — so a step's logits equal those of scoring the whole 
 float reassociation (``tests/test_decode.py``; with the full-precision cache, equal to the
 uncached forward).
 
+Attention of a step: ``attention="reference"`` (the default) dequantizes the whole cache
+(``kvcache.read``) and attends it (``kvcache.decode_attention``); ``attention="kernel"`` reads
+the quantized prefix packed through ``kernels.kv_decode`` (Pallas; ``interpret`` mode by
+default off a GPU) and merges it with the full-precision window and sink tokens by
+log-sum-exp (``kvcache.kernel_attention``) — the same logits up to float32 reassociation
+(``tests/test_decode_kernel.py``). ``phi`` (one float per layer): FlashDecoding++'s unified
+maximum in the kernel, with its overflow fallback. The kernel needs codecs exposing a kernel
+layout (``KVCodec.kernel_layout``: KIVI's) and keys quantized after RoPE.
+
 Bad input raises before anything is written: a prompt longer than the cache, a cache that would
 overflow (``max_new_tokens`` past the capacity), a capacity beyond the model's context, a
 capacity the codecs' chunks do not divide.
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import jax
@@ -50,6 +60,7 @@ class Generation:
     logits: np.ndarray  # [B, n, V] float32 logits each generated token was drawn from
     cache_bytes: int  # bytes the cache arrays hold (all layers, both sides)
     state: State
+    step_seconds: tuple[float, ...] = ()  # wall time of each step, its logits on the host
 
 
 def _kvq(model: Model) -> kvcache.KVQuant:
@@ -98,6 +109,10 @@ class Decoder:
 
     model: Model
     capacity: int
+    attention: str = "reference"  # "reference" | "kernel"
+    interpret: bool | None = None  # kernel in Pallas interpret mode (None: unless on a GPU)
+    phi: tuple[float, ...] | None = None  # kernel: FlashDecoding++ unified max per layer
+    safe: tuple[float, float] | None = None  # kernel: the unified max's safe range
 
     def __post_init__(self):
         kvcache.check_capacity(_kvq(self.model), self.capacity)
@@ -106,6 +121,23 @@ class Decoder:
             raise ValueError(
                 f"cache capacity {self.capacity} is longer than the model's context of {ctx} tokens"
             )
+        if self.attention not in ("reference", "kernel"):
+            raise ValueError(f"attention must be 'reference' or 'kernel', got {self.attention!r}")
+        step_model = self.model
+        if self.attention == "kernel":
+            cfg = self.model.cfg
+            interpret = self.interpret
+            if interpret is None:
+                interpret = jax.devices()[0].platform != "gpu"
+            kvq = kvcache.kernel_kv_quant(
+                _kvq(self.model), head_dim=cfg.head_dim, kv_heads=cfg.n_kv_heads,
+                n_layers=cfg.n_layers, interpret=interpret, phi=self.phi, safe=self.safe,
+            )  # fmt: skip
+            hooks = dataclasses.replace(self.model.hooks, kv_quant=kvq)
+            step_model = dataclasses.replace(self.model, hooks=hooks)
+        elif self.phi is not None or self.safe is not None:
+            raise ValueError("phi / safe (the unified maximum) need attention='kernel'")
+        object.__setattr__(self, "_step_model", step_model)
 
     def prefill(self, params: Any, tokens) -> tuple[Array, State]:
         """The prompt ``[B, P]`` written into an empty cache; its logits ``[B, P, V]``."""
@@ -128,7 +160,9 @@ class Decoder:
                 "generation needs a larger capacity"
             )
         token = jnp.asarray(token, jnp.int32).reshape(-1)
-        logits, layers = _step(self.model, params, state.layers, token, jnp.int32(state.length))
+        logits, layers = _step(
+            self._step_model, params, state.layers, token, jnp.int32(state.length)
+        )
         return logits, State(layers, state.length + 1)
 
     def generate(
@@ -161,6 +195,7 @@ class Decoder:
         key = jax.random.key(seed)
         toks, lgs = [], []
         done = np.zeros(prompt.shape[0], bool)
+        secs = []
         for i in range(max_new_tokens):
             key, sub = jax.random.split(key)
             tok = _pick(last, sub, float(temperature))
@@ -171,10 +206,14 @@ class Decoder:
                 if done.all():
                     break
             if i + 1 < max_new_tokens:
+                t0 = time.perf_counter()
                 last, state = self.step(params, state, tok)
+                jax.block_until_ready(last)
+                secs.append(time.perf_counter() - t0)
         return Generation(
             tokens=np.stack(toks, 1),
             logits=np.stack(lgs, 1),
             cache_bytes=kvcache.cache_bytes(state.layers),
             state=state,
+            step_seconds=tuple(secs),
         )

@@ -28,6 +28,12 @@ the codec stores them in a fixed-capacity store, the full-precision tokens in a 
 ``R + F`` slots and the sink tokens apart, so the step function compiles once.
 :data:`FULL` (no hook) is the full-precision cache: an identity codec, every token "quantized"
 into a float store.
+
+A third reader, for decoding through ``kernels.kv_decode`` (:func:`kernel_kv_quant`,
+``Decoder(attention="kernel")``): a codec may expose its store in the kernel's packed layout
+(:meth:`KVCodec.kernel_layout`); the tokens quantized on both sides are attended by the kernel
+straight from the codes, the full-precision window and the sink tokens apart, and the parts
+merged by log-sum-exp (:func:`kernel_attention`).
 """
 
 from __future__ import annotations
@@ -75,6 +81,12 @@ class KVCodec:
         """Stored bits per element of a quantized token: codes + scales + outliers."""
         raise NotImplementedError
 
+    def kernel_layout(self, layer: int, store: Any) -> KernelLayout | None:
+        """Optional: the decode store (chunk-major, leaves ``[n, B, chunk, ...]`` as
+        :func:`init_cache` keeps them) in ``kernels.kv_decode``'s layout, or ``None`` when the
+        codec cannot be read by that kernel (the default). See :class:`KernelLayout`."""
+        return None
+
     def fake(self, layer: int, x: Array) -> Array:
         """Every whole chunk of ``x [B, T, kv, hd]`` encoded and decoded; a last partial chunk
         (never read as quantized: ``Q(L)`` is a multiple of ``chunk``) is left as it is."""
@@ -87,6 +99,20 @@ class KVCodec:
         out = jax.vmap(lambda c: self.decode(layer, self.encode(layer, c)))(chunks)
         out = jnp.moveaxis(out, 0, 1).reshape(B, n * self.chunk, H, D).astype(x.dtype)
         return jnp.concatenate([out, x[:, n * self.chunk :]], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """A quantized store as ``kernels.kv_decode`` reads it (head-major): ``codes`` uint32
+    ``[B, kv, T, D·b/32]`` packed along D, ``scale`` / ``zero`` ``[B, kv, T/gt, D/gd]`` with
+    ``x̂ = (format.decode(code) − zero) · scale`` per group, ``group = (gt, gd)``: keys
+    ``(Gk, 1)`` (per channel over ``Gk`` tokens), values ``(1, Gv)`` (per token)."""
+
+    codes: Array
+    scale: Array
+    zero: Array | None
+    format: Any  # numerics.formats.Format
+    group: tuple[int, int]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -332,7 +358,13 @@ def _read_side(codec: KVCodec, layer: int, kvq: KVQuant, cache: dict, side: str,
 
 def read(kvq: KVQuant, layer: int, cache: dict, L) -> tuple[Array, Array]:
     """The cache of ``L`` tokens as float32 keys and values ``[B, capacity, kv, hd]`` (keys
-    before RoPE when ``kvq.pre_rope``); slots ``>= L`` hold stale values (mask them)."""
+    before RoPE when ``kvq.pre_rope``); slots ``>= L`` hold stale values (mask them).
+
+    Under a :class:`KernelKVQuant` nothing is dequantized here: the result is ``(view, None)``
+    with a :class:`_KernelView` of the stored cache, which :func:`decode_attention` attends
+    through the kernel (see "Decoding through the kernel" below)."""
+    if isinstance(kvq, KernelKVQuant):
+        return _KernelView(kvq, layer, cache, L), None
     return _read_side(kvq.key, layer, kvq, cache, "k", L), _read_side(
         kvq.value, layer, kvq, cache, "v", L
     )
@@ -340,7 +372,11 @@ def read(kvq: KVQuant, layer: int, cache: dict, L) -> tuple[Array, Array]:
 
 def decode_attention(q: Array, K: Array, V: Array, L, *, scale: float, window: int | None):
     """One query per sequence ``q [B, 1, H, D]`` (position ``L − 1``) over ``K``/``V``
-    ``[B, S, KV, D]`` whose first ``L`` slots are valid; float32 scores and softmax."""
+    ``[B, S, KV, D]`` whose first ``L`` slots are valid; float32 scores and softmax.
+    ``K`` a :class:`_KernelView` (from :func:`read` under a :class:`KernelKVQuant`): the
+    kernel path, :func:`kernel_attention`."""
+    if isinstance(K, _KernelView):
+        return kernel_attention(q, K, scale=scale, window=window)
     B, _, H, D = q.shape
     S, KV = K.shape[1], K.shape[2]
     qg = q.astype(jnp.float32).reshape(B, KV, H // KV, D)
@@ -352,6 +388,158 @@ def decode_attention(q: Array, K: Array, V: Array, L, *, scale: float, window: i
     s = jnp.where(ok[None, None, None, :], s, jnp.float32(-1e30))
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bkgs,bskd->bkgd", p, V.astype(jnp.float32))
+    return o.reshape(B, 1, H, D).astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding through the kernel: the quantized prefix read packed by kernels.kv_decode, the
+# full-precision window and the sink tokens attended apart, the parts merged by log-sum-exp.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelKVQuant(KVQuant):
+    """A :class:`KVQuant` whose decode steps attend through ``kernels.kv_decode`` (build with
+    :func:`kernel_kv_quant`). ``phi``: FlashDecoding++'s unified maximum per layer (``None``:
+    the exact running max), ``safe`` its range (``kernels.kv_decode.F32_SAFE``)."""
+
+    interpret: bool = False
+    phi: tuple[float, ...] | None = None
+    safe: tuple[float, float] = (-64.0, 64.0)
+
+
+def kernel_kv_quant(kvq: KVQuant, *, head_dim: int, kv_heads: int, n_layers: int,
+                    interpret: bool = False, phi=None, safe=None) -> KernelKVQuant:  # fmt: skip
+    """``kvq`` on the kernel path, after checking the kernel can read its store: keys quantized
+    after RoPE, both codecs exposing a :meth:`KVCodec.kernel_layout` with keys grouped along
+    tokens and values along channels."""
+    from kernels.kv_decode import F32_SAFE, check_safe
+
+    kvq = check_kv_quant(kvq)
+    if kvq.pre_rope:
+        raise ValueError(
+            "the kv_decode kernel cannot read keys quantized before RoPE: it scores the stored "
+            "keys as they are, and a pre-RoPE key needs its rotation applied after dequantizing "
+            "(use attention='reference')"
+        )
+    for side, c, want in (("key", kvq.key, "(Gk, 1)"), ("value", kvq.value, "(1, Gv)")):
+        got = []
+
+        def probe(c=c, got=got):  # the layout of a one-chunk store, traced abstractly
+            lay = c.kernel_layout(0, _store_like(c, 0, 1, kv_heads, head_dim, 1, jnp.float32))
+            got.append(lay)
+            return jnp.zeros(())
+
+        jax.eval_shape(probe)
+        lay = got[0]
+        if lay is None:
+            raise ValueError(
+                f"the {side} codec {type(c).__name__} has no kernel layout "
+                "(KVCodec.kernel_layout): the kv_decode kernel reads packed low-bit codes only"
+            )
+        gt, gd = lay.group
+        ok = (gd == 1 and gt == c.chunk) if side == "key" else (gt == 1 and c.chunk == 1)
+        if not ok:
+            raise ValueError(
+                f"the kv_decode kernel reads {side}s grouped {want} (tokens, channels); "
+                f"{type(c).__name__} gives {lay.group} with chunk {c.chunk}"
+            )
+    if phi is not None:
+        phi = tuple(float(x) for x in phi)
+        if len(phi) != n_layers or not all(np.isfinite(phi)):
+            raise ValueError(f"phi must be {n_layers} finite numbers (one per layer), got {phi}")
+    safe = check_safe(F32_SAFE if safe is None else safe)
+    return KernelKVQuant(key=kvq.key, value=kvq.value, pre_rope=False, sink=kvq.sink,
+                         interpret=bool(interpret), phi=phi, safe=safe)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelView:
+    """A layer's stored cache of ``L`` tokens, handed by :func:`read` to
+    :func:`decode_attention` under a :class:`KernelKVQuant` (never leaves one traced step)."""
+
+    kvq: KernelKVQuant
+    layer: int
+    cache: dict
+    L: Any
+
+
+def _recent(codec: KVCodec, layer: int, cache: dict, side: str, L, N: int, sink: int) -> Array:
+    """float32 ``[B, N, kv, hd]``: tokens ``L − N … L − 1`` as :func:`read` gives them (sink,
+    dequantized or from the ring), dequantizing only the chunks they fall in."""
+    store, ring, sinks = cache[side + "q"], cache[side + "f"], cache[side + "s"]
+    n = jax.tree.leaves(store)[0].shape[0]
+    ch = codec.chunk
+    nc = min(n, -(-N // ch) + 1)
+    c0 = jnp.clip((L - N) // ch, 0, n - nc)
+    part = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, c0, nc, 0), store)
+    dec = jax.vmap(lambda c: codec.decode(layer, c))(part)  # [nc, B, ch, kv, hd]
+    _, B, _, H, D = dec.shape
+    dec = jnp.moveaxis(dec, 0, 1).reshape(B, nc * ch, H, D).astype(jnp.float32)
+    s = L - N + jnp.arange(N)
+    X = dec[:, jnp.clip(s - c0 * ch, 0, nc * ch - 1)]
+    W = ring.shape[1]
+    fresh = ring[:, s % W].astype(jnp.float32)
+    X = jnp.where((s < quantized_prefix(codec, L))[None, :, None, None], X, fresh)
+    if sink:
+        first = sinks[:, jnp.clip(s, 0, sink - 1)].astype(jnp.float32)
+        X = jnp.where((s < sink)[None, :, None, None], first, X)
+    return X
+
+
+def _part(qg: Array, K: Array, V: Array, ok: Array, scale: float) -> tuple[Array, Array]:
+    """Exact attention of ``qg [B, kv, g, D]`` over ``K``/``V [B, n, kv, D]`` where ``ok
+    [n]``: ``(o [B, kv, g, D], lse [B, kv, g])``, ``lse = −inf`` when nothing is valid."""
+    ok = ok[None, None, None, :]
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, K) * jnp.float32(scale)
+    s = jnp.where(ok, s, -jnp.inf)
+    m = jnp.max(s, axis=-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(ok, jnp.exp(s - m[..., None]), 0.0)
+    l = jnp.sum(e, axis=-1)
+    o = jnp.einsum("bkgs,bskd->bkgd", e, V) / jnp.where(l > 0, l, 1.0)[..., None]
+    return o, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
+def kernel_attention(q: Array, view: _KernelView, *, scale: float, window: int | None):
+    """:func:`decode_attention` of ``q [B, 1, H, D]`` over the stored cache of ``view.L``
+    tokens, in three disjoint parts merged by log-sum-exp (``kernels.kv_decode
+    .merge_partials``): the tokens quantized on both sides, ``[k0, k1)`` with ``k0 = max(sink,
+    L − window)`` and ``k1 = max(min(Q_key(L), Q_value(L)), k0)``, by the kernel straight
+    from the packed codes; the sink tokens below ``k1``; and the recent ``[k1, L)`` (full
+    precision, or quantized on one side only), exactly as :func:`read` gives them."""
+    from kernels.kv_decode import kv_decode, merge_partials
+
+    kvq, layer, cache, L = view.kvq, view.layer, view.cache, view.L
+    B, _, H, D = q.shape
+    ks = kvq.key.kernel_layout(layer, cache["kq"])
+    vs = kvq.value.kernel_layout(layer, cache["vq"])
+    KV, T = ks.codes.shape[1], ks.codes.shape[2]
+    k0 = jnp.maximum(kvq.sink, 0 if window is None else L - window)
+    k1 = jnp.maximum(jnp.minimum(quantized_prefix(kvq.key, L), quantized_prefix(kvq.value, L)), k0)
+    full = lambda x: jnp.full((B,), x, jnp.int32)
+    phi = None if kvq.phi is None else kvq.phi[layer]
+    kern = kv_decode(
+        q[:, 0].astype(jnp.float32), ks.codes, ks.scale, ks.zero, vs.codes, vs.scale, vs.zero,
+        full(k1), k_fmt=ks.format, v_fmt=vs.format, sm_scale=scale, interpret=kvq.interpret,
+        starts=full(jnp.minimum(k0, k1)), return_lse=True, phi=phi, safe=kvq.safe,
+    )  # fmt: skip
+    # the sink tokens below k1 and the recent tokens [k1, L), attended exactly in jnp
+    N = min(max(kvq.key.window + kvq.key.flush, kvq.value.window + kvq.value.flush), T)
+    pos = L - N + jnp.arange(N)
+    Kr = _recent(kvq.key, layer, cache, "k", L, N, kvq.sink)
+    Vr = _recent(kvq.value, layer, cache, "v", L, N, kvq.sink)
+    ok = (pos >= k1) & (pos >= 0)
+    if kvq.sink:
+        sp = jnp.arange(kvq.sink)
+        Kr = jnp.concatenate([cache["ks"].astype(jnp.float32), Kr], axis=1)
+        Vr = jnp.concatenate([cache["vs"].astype(jnp.float32), Vr], axis=1)
+        ok = jnp.concatenate([(sp < k1) & (sp < L), ok])
+        pos = jnp.concatenate([sp, pos])
+    if window is not None:
+        ok = ok & (L - 1 - pos < window)
+    qg = q.astype(jnp.float32).reshape(B, KV, H // KV, D)
+    o_r, lse_r = _part(qg, Kr, Vr, ok, scale)
+    o, _ = merge_partials([(kern.o, kern.lse), (o_r.reshape(B, H, D), lse_r.reshape(B, H))])
     return o.reshape(B, 1, H, D).astype(q.dtype)
 
 
@@ -367,7 +555,8 @@ def cache_mib(kvq: KVQuant, *, n_tokens: int, n_layers: int, kv_heads: int, head
 
 
 __all__ = [
-    "FP_BITS", "FULL", "Identity", "KVCodec", "KVQuant", "cache_bytes", "cache_mib",
-    "check_capacity", "check_kv_quant", "decode_attention", "init_cache", "mixed_attention",
-    "quantized_masks", "quantized_prefix", "read", "write_prompt", "write_token",
+    "FP_BITS", "FULL", "Identity", "KVCodec", "KVQuant", "KernelKVQuant", "KernelLayout",
+    "cache_bytes", "cache_mib", "check_capacity", "check_kv_quant", "decode_attention",
+    "init_cache", "kernel_attention", "kernel_kv_quant", "mixed_attention", "quantized_masks",
+    "quantized_prefix", "read", "write_prompt", "write_token",
 ]  # fmt: skip

@@ -20,6 +20,27 @@ The kernel (grid ``(B, Hkv)``) walks the cache in blocks of ``Gk`` tokens up to 
 with the online softmax of FlashAttention / flash-decoding (running max ``m``, normaliser
 ``l``, rescaled accumulator), all in float32; the ``Hq/Hkv`` query heads of one KV head share
 each dequantized block (rows padded to 16 for the Triton ``dot``).
+
+Options (the default call is unchanged):
+
+* ``starts int32 [B]`` — attend only ``start ≤ t < length`` (the decoder gives the sink tokens
+  and a sliding window's out-of-range tokens to another part); the walk starts at block
+  ``start // Gk``;
+* ``return_lse=True`` — also the per-row log-sum-exp ``lse = log Σ_t exp(s_t)`` of the scaled
+  logits (float32 ``[B, Hq]``) and the rows that fell back (below), as :class:`Partial`, so
+  partial attentions over disjoint token sets combine exactly (:func:`merge_partials`,
+  flash-decoding's split-K reduction). An empty range (``start ≥ length``) gives ``o = 0``,
+  ``lse = −inf`` (allowed only with ``return_lse``);
+* ``phi`` — FlashDecoding++'s asynchronised softmax with a **unified maximum** (arXiv
+  2311.01282, §3): every exponential uses one pre-chosen ``φ`` instead of the running maximum,
+
+      l = Σ_t exp(s_t − φ),   o = Σ_t exp(s_t − φ) v_t / l,   lse = φ + log l,
+
+  so partial sums need no rescaling (no synchronisation between partial softmaxes). It is
+  exact only while no exponential over- or underflows: a row whose maximum logit ``m``
+  leaves the safe range, ``m − φ ∉ [a, b]`` (:func:`needs_fallback`), is recomputed with the
+  exact running maximum — the paper's recomputation fallback. :data:`F32_SAFE` (the default)
+  is the range float32 accumulation tolerates; :data:`F16_SAFE` the range of ``exp`` in fp16.
 """
 
 from __future__ import annotations
@@ -27,9 +48,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
@@ -40,6 +63,50 @@ from numerics.formats import Format, get_format
 from numerics.packing import unpack
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked logit: exp() → 0 without inf − inf
+
+# Safe ranges of m − φ (m: a row's largest logit) for the unified-maximum softmax. float32:
+# the largest term exp(m − φ) stays a normal number (> 2^-126 = e^-87.3) and the sum of up to
+# T = 2^16 terms times |v| ≤ 2^16 stays finite (e^64 · 2^32 ≈ 2.7e37 < 3.4e38). fp16 (the
+# paper's kernel arithmetic): exp within the normal fp16 numbers, [2^-14, 65504].
+F32_SAFE = (-64.0, 64.0)
+F16_SAFE = (math.log(2.0**-14), math.log(65504.0))
+
+
+def needs_fallback(row_max, phi, safe=F32_SAFE):
+    """The rows a unified maximum ``φ`` cannot serve: ``m − φ`` outside ``safe = (a, b)``
+    (``m``: the row's largest scaled logit; an empty row, ``m = −inf``, never falls back)."""
+    a, b = safe
+    d = row_max - phi
+    return jnp.isfinite(row_max) & ((d > b) | (d < a))
+
+
+def check_safe(safe) -> tuple[float, float]:
+    a, b = (float(x) for x in safe)
+    if not (math.isfinite(a) and math.isfinite(b) and a < 0 < b):
+        raise ValueError(f"safe range must be finite (a, b) with a < 0 < b, got {safe}")
+    return a, b
+
+
+class Partial(NamedTuple):
+    """One partial attention: ``o [B, Hq, D]`` normalised over its tokens, ``lse [B, Hq]``
+    float32 (``−inf``: no token), ``fallback [B, Hq]`` rows recomputed with the exact max."""
+
+    o: Array
+    lse: Array
+    fallback: Array
+
+
+def merge_partials(parts) -> tuple[Array, Array]:
+    """Attention over the union of disjoint token sets from their partials ``(o_i, lse_i)``:
+    ``o = Σ_i exp(lse_i − M) o_i / Σ_i exp(lse_i − M)``, ``M = max_i lse_i`` (float32; at
+    least one part must be non-empty). Returns ``(o, lse)``."""
+    lses = jnp.stack([jnp.asarray(p[1], jnp.float32) for p in parts])
+    M = jnp.max(lses, axis=0)
+    Ms = jnp.where(jnp.isfinite(M), M, 0.0)
+    w = jnp.exp(lses - Ms[None])  # exp(−inf) = 0 for empty parts
+    den = jnp.sum(w, axis=0)
+    num = sum(wi[..., None] * p[0].astype(jnp.float32) for wi, p in zip(w, parts, strict=True))
+    return num / den[..., None], Ms + jnp.log(den)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,15 +124,17 @@ class Plan:
     sm_scale: float  # logit scale
     has_kz: bool  # key zero points given
     has_vz: bool  # value zero points given
+    unified: bool = False  # FlashDecoding++ unified maximum φ (an input) instead of the running max
 
 
-def _kernel(len_ref, q_ref, k_ref, ks_ref, *refs, p: Plan):
+def _kernel(bnd_ref, phi_ref, q_ref, k_ref, ks_ref, *refs, p: Plan):
     refs = list(refs)
     kz_ref = refs.pop(0) if p.has_kz else None
     v_ref, vs_ref = refs.pop(0), refs.pop(0)
     vz_ref = refs.pop(0) if p.has_vz else None
-    (o_ref,) = refs
-    length = len_ref[0]
+    o_ref, lse_ref, mx_ref = refs
+    start, length = bnd_ref[0], bnd_ref[1]
+    phi = phi_ref[0]
     q = q_ref[...].astype(jnp.float32)  # [R, D]
     hi = lax.Precision.HIGHEST
     nt = jnp.minimum((length + p.Gk - 1) // p.Gk, p.T // p.Gk)
@@ -79,15 +148,18 @@ def _kernel(len_ref, q_ref, k_ref, ks_ref, *refs, p: Plan):
         K = kv * ks_ref[pl.ds(step, 1), :].astype(jnp.float32)  # [Gk, D]
         s = lax.dot_general(q, K, (((1,), (1,)), ((), ())), precision=hi) * p.sm_scale
         t = step * p.Gk + lax.broadcasted_iota(jnp.int32, (1, p.Gk), 1)
-        s = jnp.where(t < length, s, _NEG)  # [R, Gk]
+        s = jnp.where((t < length) & (t >= start), s, _NEG)  # [R, Gk]
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        corr = jnp.exp(m - m_new)
-        pr = jnp.exp(s - m_new[:, None])
-        l = l * corr + jnp.sum(pr, axis=1)
         vv = C.decode(C.load_codes(v_ref, p.v_fmt.bits, 0, p.D, rows=rows), p.v_fmt)
         if vz_ref is not None:
             vv = vv - C.expand_groups(vz_ref[rows, :].astype(jnp.float32), p.Gv)
         V = vv * C.expand_groups(vs_ref[rows, :].astype(jnp.float32), p.Gv)  # [Gk, D]
+        if p.unified:  # one fixed φ: no rescaling; m only tracks the range check
+            pr = jnp.exp(s - phi)
+            return m_new, l + jnp.sum(pr, axis=1), acc + jnp.dot(pr, V, precision=hi)
+        corr = jnp.exp(m - m_new)
+        pr = jnp.exp(s - m_new[:, None])
+        l = l * corr + jnp.sum(pr, axis=1)
         acc = acc * corr[:, None] + jnp.dot(pr, V, precision=hi)
         return m_new, l, acc
 
@@ -96,11 +168,19 @@ def _kernel(len_ref, q_ref, k_ref, ks_ref, *refs, p: Plan):
         jnp.zeros((p.R,), jnp.float32),
         jnp.zeros((p.R, p.D), jnp.float32),
     )
-    _, l, acc = lax.fori_loop(0, nt, body, init)
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    empty = length <= start  # no token in [start, length): o = 0, lse = −inf
+    b0 = start // p.Gk
+    m, l, acc = lax.fori_loop(b0, jnp.where(empty, b0, nt), body, init)
+    zero = l == 0  # empty, or (unified) every exp underflowed: the fallback recomputes it
+    o = jnp.where(zero[:, None], 0.0, acc / jnp.where(zero, 1.0, l)[:, None])
+    o_ref[...] = o.astype(o_ref.dtype)
+    base = phi if p.unified else m
+    lse_ref[...] = jnp.where(empty | zero, -jnp.inf, base + jnp.log(jnp.where(zero, 1.0, l)))
+    mx_ref[...] = jnp.where(empty, -jnp.inf, m)
 
 
-def _check(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths, k_fmt, v_fmt):
+def _check(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths, k_fmt, v_fmt,
+           starts=None, allow_empty=False):  # fmt: skip
     who = "kv_decode"
     if getattr(q, "dtype", None) not in [jnp.dtype(d) for d in C.FLOAT_ACTS] or q.ndim != 3:
         raise ValueError(f"{who}: q must be a [B, Hq, D] float array, got "
@@ -148,13 +228,25 @@ def _check(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths, k_f
             raise ValueError(f"{who}: lengths must be an int array of shape ({B},)")
         if not isinstance(lengths, jax.core.Tracer):
             lv = jax.device_get(lengths)
-            if lv.min() < 1 or lv.max() > T:
-                raise ValueError(f"{who}: lengths must lie in [1, T={T}], got {lv.tolist()}")
+            lo = 0 if allow_empty else 1
+            if lv.min() < lo or lv.max() > T:
+                raise ValueError(f"{who}: lengths must lie in [{lo}, T={T}], got {lv.tolist()}")
+    if starts is not None:
+        if starts.shape != (B,) or not jnp.issubdtype(starts.dtype, jnp.integer):
+            raise ValueError(f"{who}: starts must be an int array of shape ({B},)")
+        if not isinstance(starts, jax.core.Tracer):
+            sv = jax.device_get(starts)
+            if sv.min() < 0 or sv.max() > T:
+                raise ValueError(f"{who}: starts must lie in [0, T={T}], got {sv.tolist()}")
+            if not allow_empty and lengths is not None and not isinstance(lengths, jax.core.Tracer):
+                if (sv >= jax.device_get(lengths)).any():
+                    raise ValueError(
+                        f"{who}: an empty range (starts >= lengths) needs return_lse=True"
+                    )
     return B, Hq, D, Hkv, T, Gk, Gv
 
 
-@functools.partial(jax.jit, static_argnames=("p", "interpret"))
-def _kv_decode(q, kp, ks, kz, vp, vs, vz, lengths, *, p: Plan, interpret: bool):
+def _call(q, kp, ks, kz, vp, vs, vz, bounds, phi, p: Plan, interpret: bool):
     B, Hq, D = q.shape
     Hkv = kp.shape[1]
     qg = q.reshape(B, Hkv, p.rep, D)
@@ -164,26 +256,61 @@ def _kv_decode(q, kp, ks, kz, vp, vs, vz, lengths, *, p: Plan, interpret: bool):
     def whole(a):  # the [b, h] slab of a [B, Hkv, ...] array
         return pl.BlockSpec((None, None) + a.shape[2:], lambda b, h: (b, h, 0, 0))
 
-    args = [lengths.astype(jnp.int32).reshape(B, 1), qg, kp, ks]
+    args = [bounds, jnp.broadcast_to(phi.astype(jnp.float32), (B, 1)), qg, kp, ks]
     args += [kz] if p.has_kz else []
     args += [vp, vs] + ([vz] if p.has_vz else [])
-    in_specs = [pl.BlockSpec((None, 1), lambda b, h: (b, 0))] + [whole(a) for a in args[1:]]
+    in_specs = [
+        pl.BlockSpec((None, 2), lambda b, h: (b, 0)),
+        pl.BlockSpec((None, 1), lambda b, h: (b, 0)),
+    ] + [whole(a) for a in args[2:]]
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
         compiler_params = pltriton.CompilerParams(num_warps=4, num_stages=2)
-    o = pl.pallas_call(
+    row = lambda b, h: (b, h, 0)
+    o, lse, mx = pl.pallas_call(
         functools.partial(_kernel, p=p),
-        out_shape=jax.ShapeDtypeStruct((B, Hkv, p.R, D), q.dtype),
+        out_shape=(
+            jax.ShapeDtypeStruct((B, Hkv, p.R, D), q.dtype),
+            jax.ShapeDtypeStruct((B, Hkv, p.R), jnp.float32),
+            jax.ShapeDtypeStruct((B, Hkv, p.R), jnp.float32),
+        ),
         grid=(B, Hkv),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, p.R, D), lambda b, h: (b, h, 0, 0)),
+        out_specs=(
+            pl.BlockSpec((None, None, p.R, D), lambda b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, p.R), row),
+            pl.BlockSpec((None, None, p.R), row),
+        ),
         interpret=interpret,
         compiler_params=compiler_params,
         name="kv_decode",
     )(*args)
-    return o[:, :, : p.rep].reshape(B, Hq, D)
+    cut = lambda a: a[:, :, : p.rep].reshape((B, Hq) + a.shape[3:])
+    return cut(o), cut(lse), cut(mx)
+
+
+@functools.partial(jax.jit, static_argnames=("p", "interpret", "safe"))
+def _kv_decode(q, kp, ks, kz, vp, vs, vz, bounds, phi, *, p: Plan, interpret: bool, safe):
+    ops = (q, kp, ks, kz, vp, vs, vz, bounds, phi)
+    o, lse, mx = _call(*ops, p=p, interpret=interpret)
+    if not p.unified:
+        return o, lse, jnp.zeros(lse.shape, bool)
+    bad = needs_fallback(mx, phi[0], safe)
+
+    def recompute(o, lse):  # the paper's fallback: the exact running maximum for these rows
+        o2, lse2, _ = _call(*ops, p=dataclasses.replace(p, unified=False), interpret=interpret)
+        return jnp.where(bad[..., None], o2, o), jnp.where(bad, lse2, lse)
+
+    o, lse = lax.cond(jnp.any(bad), recompute, lambda o, lse: (o, lse), o, lse)
+    return o, lse, bad
+
+
+def _bounds(B, T, lengths, starts):
+    lengths = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    starts = jnp.zeros((B,), jnp.int32) if starts is None else starts.astype(jnp.int32)
+    return jnp.stack([starts, lengths], axis=1)
 
 
 def kv_decode(
@@ -200,23 +327,35 @@ def kv_decode(
     v_fmt: Format | str,
     sm_scale: float | None = None,
     interpret: bool = False,
-) -> Float[Array, "B Hq D"]:
+    starts: Int[Array, " B"] | None = None,
+    return_lse: bool = False,
+    phi: float | Array | None = None,
+    safe: tuple[float, float] = F32_SAFE,
+):
     """One decode step of attention over the low-bit cache (layout: module docstring).
-    ``lengths`` defaults to the full capacity; ``sm_scale`` to ``1/sqrt(D)``."""
+    ``lengths`` defaults to the full capacity; ``sm_scale`` to ``1/sqrt(D)``. ``starts``,
+    ``return_lse`` (→ :class:`Partial`), ``phi`` / ``safe`` (unified maximum): the module
+    docstring's options."""
     k_fmt, v_fmt = get_format(k_fmt), get_format(v_fmt)
     B, Hq, D, Hkv, T, Gk, Gv = _check(
-        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths, k_fmt, v_fmt
-    )
+        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths, k_fmt, v_fmt,
+        starts, return_lse,
+    )  # fmt: skip
+    safe = check_safe(safe)
+    if phi is not None and not isinstance(phi, jax.core.Tracer):
+        if np.size(phi) != 1 or not np.isfinite(np.asarray(phi, np.float32)).all():
+            raise ValueError(f"kv_decode: phi must be one finite number, got {phi!r}")
     rep = Hq // Hkv
     p = Plan(
         k_fmt=k_fmt, v_fmt=v_fmt, T=T, D=D, rep=rep, R=max(16, 1 << (rep - 1).bit_length()),
         Gk=Gk, Gv=Gv, sm_scale=float(sm_scale or 1 / math.sqrt(D)),
-        has_kz=k_zero is not None, has_vz=v_zero is not None,
+        has_kz=k_zero is not None, has_vz=v_zero is not None, unified=phi is not None,
     )  # fmt: skip
-    if lengths is None:
-        lengths = jnp.full((B,), T, jnp.int32)
-    return _kv_decode(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths,
-                      p=p, interpret=interpret)  # fmt: skip
+    phi_a = jnp.zeros((1,), jnp.float32) if phi is None else jnp.reshape(phi, (1,))
+    o, lse, bad = _kv_decode(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
+                             _bounds(B, T, lengths, starts), phi_a.astype(jnp.float32),
+                             p=p, interpret=interpret, safe=safe)  # fmt: skip
+    return Partial(o, lse, bad) if return_lse else o
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -234,31 +373,50 @@ def dequantize_cache(packed, scale, zero, fmt: Format, group: tuple[int, int]) -
 
 def kv_decode_reference(
     q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths=None, *,
-    k_fmt, v_fmt, sm_scale=None,
-) -> Array:  # fmt: skip
-    """Plain jnp: dequantize the whole cache, masked softmax attention in float32."""
+    k_fmt, v_fmt, sm_scale=None, starts=None, return_lse=False, phi=None, safe=F32_SAFE,
+):  # fmt: skip
+    """Plain jnp: dequantize the whole cache, masked softmax attention in float32 (the
+    options as :func:`kv_decode`; with ``phi`` the unified-maximum softmax and its fallback
+    computed directly: rows in range use ``exp(s − φ)``, the others the exact maximum)."""
     k_fmt, v_fmt = get_format(k_fmt), get_format(v_fmt)
     B, Hq, D, Hkv, T, Gk, Gv = _check(
-        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths, k_fmt, v_fmt
-    )
+        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths, k_fmt, v_fmt,
+        starts, return_lse,
+    )  # fmt: skip
+    safe = check_safe(safe)
     K = dequantize_cache(k_packed, k_scale, k_zero, k_fmt, (Gk, 1))
     V = dequantize_cache(v_packed, v_scale, v_zero, v_fmt, (1, Gv))
-    if lengths is None:
-        lengths = jnp.full((B,), T, jnp.int32)
-    return _attend(q, K, V, lengths, float(sm_scale or 1 / math.sqrt(D)))
+    bounds = _bounds(B, T, lengths, starts)
+    phi_a = None if phi is None else jnp.reshape(jnp.asarray(phi, jnp.float32), ())
+    o, lse, bad = _attend(q, K, V, bounds, phi_a, float(sm_scale or 1 / math.sqrt(D)), safe)
+    return Partial(o, lse, bad) if return_lse else o
 
 
-@functools.partial(jax.jit, static_argnums=4)
-def _attend(q, K, V, lengths, sm_scale: float):
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _attend(q, K, V, bounds, phi, sm_scale: float, safe):
     B, Hq, D = q.shape
     _, Hkv, T, _ = K.shape
     qg = q.astype(jnp.float32).reshape(B, Hkv, Hq // Hkv, D)
     hi = lax.Precision.HIGHEST
     s = jnp.einsum("bhrd,bhtd->bhrt", qg, K, precision=hi) * sm_scale
-    valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    o = jnp.einsum("bhrt,bhtd->bhrd", jax.nn.softmax(s, axis=-1), V, precision=hi)
-    return o.reshape(B, Hq, D).astype(q.dtype)
+    t = jnp.arange(T)[None, :]
+    valid = ((t >= bounds[:, :1]) & (t < bounds[:, 1:]))[:, None, None, :]  # [B, 1, 1, T]
+    s = jnp.where(valid, s, -jnp.inf)
+    m = jnp.max(s, axis=-1)  # −inf: empty row
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    bad = jnp.zeros(m.shape, bool) if phi is None else needs_fallback(m, phi, safe)
+    base = m_safe if phi is None else jnp.where(bad, m_safe, phi)
+    e = jnp.where(valid, jnp.exp(s - base[..., None]), 0.0)
+    l = jnp.sum(e, axis=-1)
+    empty = l == 0
+    w = e / jnp.where(empty, 1.0, l)[..., None]  # = jax.nn.softmax on a non-empty exact row
+    o = jnp.einsum("bhrt,bhtd->bhrd", w, V, precision=hi)
+    lse = jnp.where(empty, -jnp.inf, base + jnp.log(jnp.where(empty, 1.0, l)))
+    return (
+        o.reshape(B, Hq, D).astype(q.dtype),
+        lse.reshape(B, Hq),
+        bad.reshape(B, Hq),
+    )
 
 
 def qarray_kv_decode(q, k_qa, v_qa, lengths=None, *, sm_scale=None, interpret=False) -> Array:

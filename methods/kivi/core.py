@@ -22,6 +22,11 @@ attends the prompt in full precision and only stores it quantized; here the prom
 the cache as a decoding step would, so scoring and decoding agree.) Defaults: ``G = 32``,
 ``R = 128``, 2 bits (``example.py`` runs ``R = 32``; the paper's experiments use 128 —
 unverified here, the PDF could not be opened).
+
+Both codecs expose their decode store in ``kernels.kv_decode``'s layout
+(``KVCodec.kernel_layout``): the chunk-major store (codes already packed along the head
+dimension into uint32 words, as the official repository packs codes into 32-bit words for its
+CUDA kernels, ``quant/new_pack.py``) is transposed head-major on every read.
 """
 
 from __future__ import annotations
@@ -72,6 +77,18 @@ def _stored(qa: QArray) -> QArray:
     return dataclasses.replace(qa, zero=qa.zero.astype(jnp.float16)).pack(axis=3, word_bits=32)
 
 
+def _head_major(a):
+    """A chunk-major store leaf ``[n, B, c, kv, X]`` as ``[B, kv, n·c, X]``."""
+    n, B, c, H, X = a.shape
+    return jnp.transpose(a, (1, 3, 0, 2, 4)).reshape(B, H, n * c, X)
+
+
+def _layout(store, group: tuple[int, int]) -> kvcache.KernelLayout:
+    return kvcache.KernelLayout(codes=_head_major(store.codes), scale=_head_major(store.scale),
+                                zero=_head_major(store.zero), format=store.format,
+                                group=group)  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ChannelKeys(kvcache.KVCodec):
     """Keys ``[B, G, kv, hd]``: one scale / zero per channel over the chunk's ``G`` tokens."""
@@ -86,6 +103,9 @@ class ChannelKeys(kvcache.KVCodec):
 
     def element_bits(self, head_dim):
         return self.bits + 2 * 16 / self.chunk
+
+    def kernel_layout(self, layer, store):
+        return _layout(store, (self.chunk, 1))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,3 +123,6 @@ class TokenValues(kvcache.KVCodec):
 
     def element_bits(self, head_dim):
         return self.bits + 2 * 16 / min(self.group, head_dim)
+
+    def kernel_layout(self, layer, store):
+        return _layout(store, (1, min(self.group, store.shape[-1])))  # shape: unpacked
