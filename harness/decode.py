@@ -17,7 +17,7 @@ float reassociation (``tests/test_decode.py``; with the full-precision cache, eq
 uncached forward).
 
 Attention of a step: ``attention="reference"`` (the default) dequantizes the whole cache
-(``kvcache.read``) and attends it (``kvcache.decode_attention``); ``attention="kernel"`` reads
+(``kvcache.cached_attention``: ``read``, then ``decode_attention``); ``attention="kernel"`` reads
 the quantized prefix packed through ``kernels.kv_decode`` (Pallas; ``interpret`` mode by
 default off a GPU) and merges it with the full-precision window and sink tokens by
 log-sum-exp (``kvcache.kernel_attention``) — the same logits up to float32 reassociation

@@ -358,25 +358,30 @@ def _read_side(codec: KVCodec, layer: int, kvq: KVQuant, cache: dict, side: str,
 
 def read(kvq: KVQuant, layer: int, cache: dict, L) -> tuple[Array, Array]:
     """The cache of ``L`` tokens as float32 keys and values ``[B, capacity, kv, hd]`` (keys
-    before RoPE when ``kvq.pre_rope``); slots ``>= L`` hold stale values (mask them).
-
-    Under a :class:`KernelKVQuant` nothing is dequantized here: the result is ``(view, None)``
-    with a :class:`_KernelView` of the stored cache, which :func:`decode_attention` attends
-    through the kernel (see "Decoding through the kernel" below)."""
-    if isinstance(kvq, KernelKVQuant):
-        return _KernelView(kvq, layer, cache, L), None
+    before RoPE when ``kvq.pre_rope``); slots ``>= L`` hold stale values (mask them)."""
     return _read_side(kvq.key, layer, kvq, cache, "k", L), _read_side(
         kvq.value, layer, kvq, cache, "v", L
     )
 
 
+def cached_attention(kvq: KVQuant, layer: int, cache: dict, q: Array, L, *, rope, scale: float,
+                     window: int | None) -> Array:  # fmt: skip
+    """A decoding step's attention: ``q [B, 1, H, D]`` (post-RoPE, position ``L − 1``) over the
+    stored cache of ``L`` tokens. Under a :class:`KernelKVQuant` through the kernel
+    (:func:`kernel_attention`); otherwise dequantize-then-attend: :func:`read`, RoPE on keys
+    stored before it (``rope(K, positions)``), :func:`decode_attention`."""
+    if isinstance(kvq, KernelKVQuant):
+        return kernel_attention(q, kvq, layer, cache, L, scale=scale, window=window)
+    K, V = read(kvq, layer, cache, L)
+    if kvq.pre_rope:
+        B, S = K.shape[:2]
+        K = rope(K, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (B, S)))
+    return decode_attention(q, K, V, L, scale=scale, window=window)
+
+
 def decode_attention(q: Array, K: Array, V: Array, L, *, scale: float, window: int | None):
     """One query per sequence ``q [B, 1, H, D]`` (position ``L − 1``) over ``K``/``V``
-    ``[B, S, KV, D]`` whose first ``L`` slots are valid; float32 scores and softmax.
-    ``K`` a :class:`_KernelView` (from :func:`read` under a :class:`KernelKVQuant`): the
-    kernel path, :func:`kernel_attention`."""
-    if isinstance(K, _KernelView):
-        return kernel_attention(q, K, scale=scale, window=window)
+    ``[B, S, KV, D]`` whose first ``L`` slots are valid; float32 scores and softmax."""
     B, _, H, D = q.shape
     S, KV = K.shape[1], K.shape[2]
     qg = q.astype(jnp.float32).reshape(B, KV, H // KV, D)
@@ -452,17 +457,6 @@ def kernel_kv_quant(kvq: KVQuant, *, head_dim: int, kv_heads: int, n_layers: int
                          interpret=bool(interpret), phi=phi, safe=safe)  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
-class _KernelView:
-    """A layer's stored cache of ``L`` tokens, handed by :func:`read` to
-    :func:`decode_attention` under a :class:`KernelKVQuant` (never leaves one traced step)."""
-
-    kvq: KernelKVQuant
-    layer: int
-    cache: dict
-    L: Any
-
-
 def _recent(codec: KVCodec, layer: int, cache: dict, side: str, L, N: int, sink: int) -> Array:
     """float32 ``[B, N, kv, hd]``: tokens ``L − N … L − 1`` as :func:`read` gives them (sink,
     dequantized or from the ring), dequantizing only the chunks they fall in."""
@@ -500,16 +494,16 @@ def _part(qg: Array, K: Array, V: Array, ok: Array, scale: float) -> tuple[Array
     return o, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
-def kernel_attention(q: Array, view: _KernelView, *, scale: float, window: int | None):
-    """:func:`decode_attention` of ``q [B, 1, H, D]`` over the stored cache of ``view.L``
-    tokens, in three disjoint parts merged by log-sum-exp (``kernels.kv_decode
-    .merge_partials``): the tokens quantized on both sides, ``[k0, k1)`` with ``k0 = max(sink,
-    L − window)`` and ``k1 = max(min(Q_key(L), Q_value(L)), k0)``, by the kernel straight
-    from the packed codes; the sink tokens below ``k1``; and the recent ``[k1, L)`` (full
-    precision, or quantized on one side only), exactly as :func:`read` gives them."""
+def kernel_attention(q: Array, kvq: KernelKVQuant, layer: int, cache: dict, L, *, scale: float,
+                     window: int | None) -> Array:  # fmt: skip
+    """:func:`decode_attention` of ``q [B, 1, H, D]`` over the stored cache of ``L`` tokens, in
+    three disjoint parts merged by log-sum-exp (``kernels.kv_decode.merge_partials``): the
+    tokens quantized on both sides, ``[k0, k1)`` with ``k0 = max(sink, L − window)`` and
+    ``k1 = max(min(Q_key(L), Q_value(L)), k0)``, by the kernel straight from the packed codes;
+    the sink tokens below ``k1``; and the recent ``[k1, L)`` (full precision, or quantized on
+    one side only), exactly as :func:`read` gives them."""
     from kernels.kv_decode import kv_decode, merge_partials
 
-    kvq, layer, cache, L = view.kvq, view.layer, view.cache, view.L
     B, _, H, D = q.shape
     ks = kvq.key.kernel_layout(layer, cache["kq"])
     vs = kvq.value.kernel_layout(layer, cache["vq"])

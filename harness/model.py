@@ -294,10 +294,8 @@ class Attention(_Seamed):
         k_src = k if kvq.pre_rope else k_rot  # what the key codec stores
         if L is not None:
             layer_cache = kvcache.write_token(kvq, self.layer, cache["layer"], k_src, v, L)
-            K, V = kvcache.read(kvq, self.layer, layer_cache, L + 1)
-            if kvq.pre_rope:
-                K = rope(K, default_positions(K))
-            o = kvcache.decode_attention(q, K, V, L + 1, scale=c.scale, window=window)
+            o = kvcache.cached_attention(kvq, self.layer, layer_cache, q, L + 1, rope=rope,
+                                         scale=c.scale, window=window)  # fmt: skip
             return self._lin("o_proj", o.reshape(B, T, -1), c.d_model), layer_cache
         if hk.kv_quant is None:
             o = causal_attention(q, k_rot, v, positions, scale=c.scale, window=window)
