@@ -13,9 +13,9 @@ from harness.decode import Decoder
 from harness.model import Model, ModelConfig, init_params
 from methods.base import get_method
 from methods.rotatekv import (
+    RotatedCodec,
     RotateKVConfig,
     RotateKVPlainConfig,
-    RotatedCodec,
     channel_order,
     clipped_quantize,
     key_orders,
@@ -56,7 +56,9 @@ def test_decoding_equals_scoring(tiny, result):
     np.testing.assert_allclose(np.asarray(logits), full[:, :P], atol=1e-4, rtol=1e-4)
     for t in range(P, tokens.shape[1]):
         step, state = dec.step(params, state, tokens[:, t])
-        np.testing.assert_allclose(np.asarray(step).reshape(full[:, t].shape), full[:, t], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(step).reshape(full[:, t].shape), full[:, t], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_result_is_the_paper_configuration(result):
@@ -79,7 +81,9 @@ def test_rotation_and_order_are_exact():
         y = rotate(x, span)
         np.testing.assert_allclose(np.asarray(unrotate(y, span)), np.asarray(x), atol=1e-5)
         np.testing.assert_allclose(  # orthonormal: norms kept
-            np.linalg.norm(np.asarray(y), axis=-1), np.linalg.norm(np.asarray(x), axis=-1), rtol=1e-5
+            np.linalg.norm(np.asarray(y), axis=-1),
+            np.linalg.norm(np.asarray(x), axis=-1),
+            rtol=1e-5,
         )
     order = channel_order(jnp.asarray([3.0, -1.0, 2.0, 0.0]))
     assert order == (1, 3, 2, 0)
@@ -88,7 +92,9 @@ def test_rotation_and_order_are_exact():
 def test_codec_error_is_the_rotated_basis_error():
     """Rotation and order are orthogonal: the read's error in the model's basis equals the
     quantization error of the stored (rotated, permuted) vector, token by token."""
-    x = jax.random.normal(jax.random.key(1), (2, 1, 2, 16)) * jnp.arange(1, 33, dtype=jnp.float32).reshape(1, 1, 2, 16)
+    x = jax.random.normal(jax.random.key(1), (2, 1, 2, 16)) * jnp.arange(
+        1, 33, dtype=jnp.float32
+    ).reshape(1, 1, 2, 16)
     order = tuple(int(i) for i in np.random.default_rng(0).permutation(32))
     codec = RotatedCodec(bits=2, group=16, rho=0.8, span=32, order=(order,))
     code = codec.encode(0, x)

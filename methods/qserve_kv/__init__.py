@@ -49,7 +49,9 @@ def smooth_scales(
     post-RoPE calibration keys."""
     tokens = jnp.asarray(calib_tokens)
     if tokens.ndim != 2 or tokens.size == 0:
-        raise ValueError(f"QServe KV: calibration tokens must be a non-empty [n, t], got {tokens.shape}")
+        raise ValueError(
+            f"QServe KV: calibration tokens must be a non-empty [n, t], got {tokens.shape}"
+        )
     _, sites = statistics.plan(NEEDS)
     lam: dict[int, tuple[float, ...]] = {}
 

@@ -114,7 +114,9 @@ def fold_smooth_attention(
         )
     d = hk_d // n_kv_heads
     lam_q = jnp.repeat(lam.reshape(n_kv_heads, 1, d), n_heads // n_kv_heads, axis=1).reshape(-1)
-    scale = lambda w, s: None if w is None else (w * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+    scale = lambda w, s: (
+        None if w is None else (w * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+    )
     return scale(W_q, lam_q), scale(W_k, 1.0 / lam), scale(b_q, lam_q), scale(b_k, 1.0 / lam)
 
 

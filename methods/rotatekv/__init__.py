@@ -20,8 +20,8 @@ from methods.base import Method, QuantizedModel, kv_cache_result, register
 from methods.rotatekv.core import (
     BITS,
     CLIP,
-    RotateKVConfig,
     RotatedCodec,
+    RotateKVConfig,
     channel_order,
     clipped_quantize,
     rotate,
@@ -51,7 +51,9 @@ def key_orders(
     from its input, only what later queries read)."""
     tokens = jnp.asarray(calib_tokens)
     if tokens.ndim != 2 or tokens.size == 0:
-        raise ValueError(f"RotateKV: calibration tokens must be a non-empty [n, t], got {tokens.shape}")
+        raise ValueError(
+            f"RotateKV: calibration tokens must be a non-empty [n, t], got {tokens.shape}"
+        )
     span = cfg.span(model_cfg.n_kv_heads, model_cfg.head_dim) if cfg.rotate else 0
     _, sites = statistics.plan(NEEDS)
     orders: dict[int, tuple[int, ...]] = {}
@@ -82,7 +84,9 @@ def kv_quant(
     group = cfg.quant_group(hd)
     span = cfg.span(model_cfg.n_kv_heads, hd) if cfg.rotate else 0
     if cfg.reorder and len(orders) != model_cfg.n_layers:
-        raise ValueError(f"RotateKV: need one channel order per layer ({model_cfg.n_layers}), got {len(orders)}")
+        raise ValueError(
+            f"RotateKV: need one channel order per layer ({model_cfg.n_layers}), got {len(orders)}"
+        )
     side = dict(bits=cfg.bits, group=group, rho=cfg.rho)
     return kvcache.KVQuant(
         key=RotatedCodec(**side, span=span, order=tuple(orders) if cfg.reorder else ()),
@@ -100,7 +104,11 @@ def quantize_model(
     orders = key_orders(params, model_cfg, calib_tokens, cfg) if cfg.reorder else ()
     kvq = kv_quant(cfg, model_cfg, orders)
     report = [
-        {"name": f"blocks.{i}.attn.kv", "layer": i, "moved": int(np.sum(np.asarray(o) != np.arange(len(o))))}
+        {
+            "name": f"blocks.{i}.attn.kv",
+            "layer": i,
+            "moved": int(np.sum(np.asarray(o) != np.arange(len(o)))),
+        }
         for i, o in enumerate(orders)
     ]
     return kv_cache_result(params, model_cfg, kvq, seconds=time.perf_counter() - t0, report=report)

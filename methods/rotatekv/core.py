@@ -102,9 +102,7 @@ class RotateKVConfig:
         """Channels rotated together: ``head_group · head_dim``."""
         g = n_kv_heads if self.head_group is None else self.head_group
         if n_kv_heads % g:
-            raise ValueError(
-                f"RotateKV: head_group {g} does not divide the {n_kv_heads} KV heads"
-            )
+            raise ValueError(f"RotateKV: head_group {g} does not divide the {n_kv_heads} KV heads")
         return g * head_dim
 
     def quant_group(self, head_dim: int) -> int:
@@ -119,7 +117,9 @@ def channel_order(k_rotated_mean: Float[Array, " c"]) -> tuple[int, ...]:
     of their calibration mean (``k_reordering_calibration.py``: ``torch.sort`` of the sums)."""
     m = np.asarray(k_rotated_mean, np.float64)
     if m.ndim != 1 or m.size == 0:
-        raise ValueError(f"RotateKV: the key channel means must be a non-empty vector, got {m.shape}")
+        raise ValueError(
+            f"RotateKV: the key channel means must be a non-empty vector, got {m.shape}"
+        )
     if not np.all(np.isfinite(m)):
         raise ValueError("RotateKV: the key channel means hold NaN or Inf")
     return tuple(int(i) for i in np.argsort(m, kind="stable"))
