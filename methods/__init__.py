@@ -12,6 +12,8 @@ from methods import (
     llm_int8,  # noqa: F401
     mixllm,  # noqa: F401
     omniquant,  # noqa: F401
+    qserve_kv,  # noqa: F401
+    rotatekv,  # noqa: F401
     rtn,  # noqa: F401  (registers)
     rtn_act,  # noqa: F401
     smoothquant,  # noqa: F401

@@ -446,3 +446,36 @@ def check_bfp_kv(g: dict) -> None:
 
 
 CHECKS |= {"bfp_kv": check_bfp_kv}
+
+
+def _kv_bits(codes: float, group: int, n_quantized: int, n: int = 2048) -> float:
+    """Bits per cached element at ``n`` tokens: ``n_quantized`` tokens of ``codes`` bits plus an
+    fp16 scale and zero per ``group`` elements, the rest at 16 bits (both sides alike)."""
+    return (n_quantized * (codes + 32 / group) + (n - n_quantized) * 16) / n
+
+
+def check_rotatekv(g: dict) -> None:
+    """Every KV2 row ran on every corpus; RotateKV and its ablation store 2-bit codes with one
+    fp16 scale and zero per token and head of 64, every token but the sink; KIVI-2 its groups of
+    32 and 128 full-precision tokens (1920 of 2048 quantized)."""
+    for m in g["METHODS"]:
+        for c in g["CORPORA"]:
+            assert math.isfinite(g["PPL"][(m, c)]) and g["PPL"][(m, c)] > 1
+    for m in ("rotatekv", "rotatekv_plain"):
+        assert g["KV_BITS"][m] == pytest.approx(_kv_bits(2, 64, 2047), abs=1e-9)
+    assert g["KV_BITS"]["kivi"] == pytest.approx(_kv_bits(2, 32, 1920), abs=1e-9)
+
+
+def check_qserve_kv(g: dict) -> None:
+    """Every KV4 row ran on every corpus; QServe's KV4 (with or without SmoothAttention: λ costs
+    no bits) is 4 bits + an fp16 scale and zero per token and head of 64 on every token; KIVI-4
+    its groups of 32 and 128 full-precision tokens."""
+    for m in g["METHODS"]:
+        for c in g["CORPORA"]:
+            assert math.isfinite(g["PPL"][(m, c)]) and g["PPL"][(m, c)] > 1
+    for m in ("qserve_kv", "qserve_kv_plain"):
+        assert g["KV_BITS"][m] == pytest.approx(_kv_bits(4, 64, 2048), abs=1e-9)
+    assert g["KV_BITS"]["kivi"] == pytest.approx(_kv_bits(4, 32, 1920), abs=1e-9)
+
+
+CHECKS |= {"rotatekv": check_rotatekv, "qserve_kv": check_qserve_kv}
