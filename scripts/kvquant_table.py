@@ -31,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="*", default=["kivi", "kvquant"])
     ap.add_argument("--settings", nargs="*", default=["KV4", "KV3", "KV2"])
+    ap.add_argument("--no-fp", action="store_true", help="skip the full-precision rows")
     ap.add_argument("--ablate-setting", default="KV3")
     ap.add_argument("--ablate", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
@@ -57,7 +58,7 @@ def main() -> None:
 
     run(
         model, params, tok, model_name=args.model, methods=args.methods,
-        settings=args.settings, cmp=cmp, fp=True, on_row=keep,
+        settings=args.settings, cmp=cmp, fp=not args.no_fp, on_row=keep,
     )  # fmt: skip
     for piece in args.ablate:
         run(

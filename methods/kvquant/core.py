@@ -192,7 +192,7 @@ def fit_levels(
         m1, s1, m2, s2 = jnp.mean(x), jnp.std(x), jnp.mean(q), jnp.std(q)
         scale = jnp.where(s2 > 0, s1 / jnp.where(s2 > 0, s2, 1.0), 1.0)
         recon = levels * scale + (m1 - m2 * scale)
-    as_tuple = lambda a: tuple(float(v) for v in np.asarray(_fp16(a)))
+    as_tuple = lambda a: tuple(float(v) for v in np.asarray(a, np.float32))
     return Levels(as_tuple(levels), as_tuple(recon))
 
 
