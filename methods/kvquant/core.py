@@ -48,10 +48,13 @@ sparse pointer per token (CSC for keys, CSR for values); values also one fp16 ze
 scale per token. The per-channel key thresholds and the per-layer levels are constants of
 the layer (not per token) and count nothing per element.
 
-Details as in the reference: thresholds from percentiles with linear interpolation; outliers
-strictly beyond the key thresholds, ``≥`` / ``≤`` the per-token value quantiles; outliers
-kept exactly (fp16); one codebook per layer and side; the sink token excluded from the
-calibration (§3.5 says excluded from the levels and from the key scaling factors).
+Details as in the reference: the quantizers read fp16 activations (the reference's model runs
+in half precision; here keys and values are rounded to fp16 before they are encoded, which
+also makes the codes far less sensitive to float32 rounding noise, e.g. under sharding);
+thresholds from percentiles with linear interpolation; outliers strictly beyond the key
+thresholds, ``≥`` / ``≤`` the per-token value quantiles; outliers kept exactly (fp16); one
+codebook per layer and side; the sink token excluded from the calibration (§3.5: from the
+levels and from the key scaling factors).
 
 Differences, on purpose: (1) the k-means weights are ``F·s²`` (eq. 7, the paper's version;
 ``SimQuant.quantize`` passes ``F`` alone) — ``scale_weighted=False`` gives the reference's;
@@ -197,7 +200,7 @@ def fit_levels(
 
 
 def _checked(A: Array, F: Array | None, side: str, layer: int) -> tuple[Array, Array | None]:
-    A = jnp.asarray(A, jnp.float32)
+    A = _fp16(A)  # the codecs quantize fp16 activations (see the module docstring)
     if A.ndim != 2 or A.shape[0] < 2:
         raise ValueError(f"KVQuant: {side} calibration of layer {layer} must be [tokens >= 2, "
                          f"channels], got {A.shape}")  # fmt: skip
@@ -289,7 +292,7 @@ class ChannelKeys(kvcache.KVCodec):
         return u, lo, (u + lo) / 2, _positive((u - lo) / 2)
 
     def encode(self, layer: int, x: Array) -> Any:
-        c = _flat(x)
+        c = _fp16(_flat(x))
         u, lo, z, s = (a.reshape((1,) * (c.ndim - 1) + a.shape) for a in self._zs(layer))
         codes = _nearest((c - z) / s, _table(self.levels, layer))
         out = {"codes": codes}
@@ -325,7 +328,7 @@ class TokenValues(kvcache.KVCodec):
     outliers: float = 0.01  # f: the per-token quantiles at f/2 and 1 − f/2
 
     def encode(self, layer: int, x: Array) -> Any:
-        v = _flat(x)
+        v = _fp16(_flat(x))
         mask, z, s = token_ranges(v, self.outliers)
         codes = _nearest((v - z) / s, _table(self.levels, layer))
         out = {"codes": codes, "z": z.astype(jnp.float16), "s": s.astype(jnp.float16)}
