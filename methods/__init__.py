@@ -9,6 +9,7 @@ from methods import (
     gear,  # noqa: F401
     gptq,  # noqa: F401
     kivi,  # noqa: F401
+    kvquant,  # noqa: F401
     llm_int8,  # noqa: F401
     mixllm,  # noqa: F401
     omniquant,  # noqa: F401

@@ -479,3 +479,25 @@ def check_qserve_kv(g: dict) -> None:
 
 
 CHECKS |= {"rotatekv": check_rotatekv, "qserve_kv": check_qserve_kv}
+
+
+def check_kvquant(g: dict) -> None:
+    """Every row ran; the bits per cached element at 2048 tokens are the hand count: b-bit
+    codes, 32 bits per outlier (1 % of the keys on calibration, 2 of a token's 192 values),
+    a 32-bit sparse pointer per token, fp16 zero point and scale per value token, and the fp16
+    sink token; without outliers only the codes, the values' scales and the sink remain."""
+    assert all(math.isfinite(v) and v > 1 for v in g["PPL"].values())
+    n, C = 2048, 3 * 64
+
+    def mean(key_bits, value_bits):
+        side = lambda b: ((n - 1) * b + 16) / n
+        return (side(key_bits) + side(value_bits)) / 2
+
+    values = 3 + 32 / C + (2 * 32 + 32) / C
+    lo, hi = mean(3 + 32 / C, values), mean(3 + 0.03 * 32 + 32 / C, values)
+    assert lo < g["KV_BITS"][("KV3", "kvquant")] < hi
+    dense = g["KV_BITS"][("KV3", "kvquant-outliers")]
+    assert dense == pytest.approx(mean(3, 3 + 32 / C), abs=1e-9)
+
+
+CHECKS |= {"kvquant": check_kvquant}
