@@ -348,10 +348,15 @@ def check_kv_cache(qm, params, tokens):
     logits, state = dec.prefill(qm.params, long[:, :KV_PROMPT])
     for t in range(KV_PROMPT, KV_TOKENS):
         step, state = dec.step(qm.params, state, long[:, t])
-        np.testing.assert_allclose(np.asarray(step), np.asarray(scored[:, t]), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(step), np.asarray(scored[:, t]), atol=KV_ATOL)
 
 
 KV_TOKENS, KV_PROMPT = 200, 120  # the steps cross a flush of 128 keys (KIVI: at 129)
+# A step projects one token where scoring projects 200: the keys differ in their last float32
+# bits, and a per-token 4-bit code sitting on a rounding tie can flip (QServe's KV4 moves a
+# logit by 2.5e-4 that way on this model). A token read from the wrong place, or the wrong
+# window, moves the logits by ~1e-2 (tests/test_decode.py checks 1e-4 on its own codecs).
+KV_ATOL = 1e-3
 
 
 def check_codebook(qm, params, tokens):

@@ -56,7 +56,9 @@ def test_next_block_sees_what_propagate_says(propagate):
     qm = _walk(step, propagate=propagate)
     h = model.embed(params, _tokens())
     for i in range(TINY.n_layers):
-        np.testing.assert_allclose(step.inputs[i], np.asarray(h), rtol=1e-5, atol=1e-6)
+        # the walk's jitted, batched forward vs this eager one: float32 fusion order differs
+        # (seen: 1.25e-6 on one element of 512); a wrong block input differs by O(1)
+        np.testing.assert_allclose(step.inputs[i], np.asarray(h), rtol=1e-5, atol=1e-5)
         bq = _rtn_block(params["blocks"][i])
         h = model.apply_block(bq if propagate == "quantized" else params["blocks"][i], i, h)
     for name in (f"blocks.{i}.{n}" for i in range(TINY.n_layers) for n in BLOCK_LINEARS):
